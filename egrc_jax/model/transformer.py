@@ -1,0 +1,289 @@
+"""A Qwen2 / Llama / Qwen3-family decoder in Flax NNX.
+
+Shape letters: B batch, T query length, S key length (cache slots), D hidden, F MLP width,
+V vocab, N query heads, K key/value heads, G = N // K query heads per kv head, H head dim,
+L layers.
+
+Two paths share every weight:
+  * `__call__(tokens_BT, positions_BT, mask_BT)`: a full causal forward over a (left- or
+    right-) padded batch; `mask_BT` is True on real tokens.
+  * `decode(tokens_BT, positions_BT, mask_BT, cache)`: writes the T new keys/values into the
+    explicit `KVCache` pytree at `cache.index` and attends over every valid slot up to each
+    query's own slot. Prefill is `decode` with the whole prompt; a sampling step is T = 1.
+
+Every parameter carries logical axis names (`out_sharding` metadata) that `egrc_jax.sharding`
+maps to mesh axes; activations get logical sharding constraints through `shard`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from egrc_jax.model.config import ModelConfig
+from egrc_jax.model.logical import shard
+
+_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _param(rngs: nnx.Rngs, shape, names, dtype, std: float | None = None):
+  """A parameter with logical axis names; zeros when std is None, N(0, std) otherwise."""
+  if std is None:
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def _ones_param(shape, names, dtype):
+  return nnx.Param(jnp.ones(shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer, plus which slots hold real tokens.
+
+  k, v: tuples of L arrays [B, S, K, H]; valid_BS: bool [B, S]; index: int32 scalar, the
+  next slot to write (all rows write in lock step; left padding keeps rows aligned).
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  valid_BS: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, size: int, dtype=None) -> KVCache:
+    dtype = dtype or cfg.jnp_dtype
+    shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
+    return cls(
+      k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+      v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+      valid_BS=jnp.zeros((batch, size), bool),
+      index=jnp.zeros((), jnp.int32),
+    )
+
+  @property
+  def size(self) -> int:
+    return self.valid_BS.shape[1]
+
+  def repeat(self, g: int) -> KVCache:
+    """Each row copied g times, consecutively (row b -> rows b*g .. b*g+g-1)."""
+    rep = lambda x: jnp.repeat(x, g, axis=0)
+    return KVCache(
+      k=tuple(map(rep, self.k)), v=tuple(map(rep, self.v)), valid_BS=rep(self.valid_BS),
+      index=self.index,
+    )
+
+  def nbytes(self) -> int:
+    return sum(x.size * x.dtype.itemsize for x in (*self.k, *self.v))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse frequencies [H/2] in float32, with llama3 scaling when configured."""
+  H = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+  if cfg.rope_scaling_factor is None:
+    return inv_freq
+  factor = cfg.rope_scaling_factor
+  lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  old_ctx = cfg.rope_original_max_position
+  low_freq_wavelen, high_freq_wavelen = old_ctx / lo, old_ctx / hi
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth = (old_ctx / wavelen - lo) / (hi - lo)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding in the rotate-half layout that HF checkpoints use."""
+  freqs_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  emb_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
+  cos = jnp.cos(emb_BTH)[:, :, None, :].astype(x_BTNH.dtype)
+  sin = jnp.sin(emb_BTH)[:, :, None, :].astype(x_BTNH.dtype)
+  x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x_BTNH * cos + rotated * sin
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, dtype, names=("norm",)):
+    self.scale = _ones_param((dim,), names, dtype)
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...] * y.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pd, std = cfg.jnp_param_dtype, 0.02
+    self.cfg = cfg
+    self.q_DNH = _param(rngs, (D, N, H), ("embed", "heads", "head_dim"), pd, std)
+    self.k_DKH = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd, std)
+    self.v_DKH = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd, std)
+    self.o_NHD = _param(rngs, (N, H, D), ("heads", "head_dim", "embed"), pd, std)
+    if cfg.qkv_bias:
+      self.q_bias_NH = _param(rngs, (N, H), ("heads", "head_dim"), pd)
+      self.k_bias_KH = _param(rngs, (K, H), ("kv_heads", "head_dim"), pd)
+      self.v_bias_KH = _param(rngs, (K, H), ("kv_heads", "head_dim"), pd)
+    if cfg.o_bias:
+      self.o_bias_D = _param(rngs, (D,), ("norm",), pd)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(H, cfg.rms_norm_eps, pd, ("head_dim",))
+      self.k_norm = RMSNorm(H, cfg.rms_norm_eps, pd, ("head_dim",))
+
+  def project(self, x_BTD, positions_BT, inv_freq):
+    cfg, dt = self.cfg, self.cfg.jnp_dtype
+    q = jnp.einsum("btd,dnh->btnh", x_BTD, self.q_DNH[...].astype(dt))
+    k = jnp.einsum("btd,dkh->btkh", x_BTD, self.k_DKH[...].astype(dt))
+    v = jnp.einsum("btd,dkh->btkh", x_BTD, self.v_DKH[...].astype(dt))
+    if cfg.qkv_bias:
+      q = q + self.q_bias_NH[...].astype(dt)
+      k = k + self.k_bias_KH[...].astype(dt)
+      v = v + self.v_bias_KH[...].astype(dt)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, positions_BT, inv_freq)
+    k = apply_rope(k, positions_BT, inv_freq)
+    q = shard(q, ("batch", "length", "heads", "head_dim"))
+    k = shard(k, ("batch", "length", "kv_heads", "head_dim"))
+    v = shard(v, ("batch", "length", "kv_heads", "head_dim"))
+    return q, k, v
+
+  def attend(self, q_BTNH, k_BSKH, v_BSKH, allowed_BTS):
+    cfg = self.cfg
+    B, T, N, H = q_BTNH.shape
+    K = cfg.num_kv_heads
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32)
+    logits = logits * (H**-0.5)
+    logits = jnp.where(allowed_BTS[:, None, None], logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH).reshape(B, T, N, H)
+    out = jnp.einsum("btnh,nhd->btd", out, self.o_NHD[...].astype(cfg.jnp_dtype))
+    if cfg.o_bias:
+      out = out + self.o_bias_D[...].astype(cfg.jnp_dtype)
+    return out
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    D, F, pd = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_param_dtype
+    self.dtype = cfg.jnp_dtype
+    self.gate_DF = _param(rngs, (D, F), ("embed", "mlp"), pd, 0.02)
+    self.up_DF = _param(rngs, (D, F), ("embed", "mlp"), pd, 0.02)
+    self.down_FD = _param(rngs, (F, D), ("mlp", "embed"), pd, 0.02)
+
+  def __call__(self, x_BTD):
+    dt = self.dtype
+    gate = jnp.einsum("btd,df->btf", x_BTD, self.gate_DF[...].astype(dt))
+    up = jnp.einsum("btd,df->btf", x_BTD, self.up_DF[...].astype(dt))
+    h = shard(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return jnp.einsum("btf,fd->btd", h, self.down_FD[...].astype(dt))
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pd = cfg.jnp_param_dtype
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None):
+    """kv: optional (k_BSKH, v_BSKH) cache of this layer; returns (x, (k, v))."""
+    q, k, v = self.attn.project(self.attn_norm(x_BTD), positions_BT, inv_freq)
+    if kv is not None:
+      k_cache, v_cache = kv
+      zero = jnp.zeros((), jnp.int32)
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, index, zero, zero))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, index, zero, zero))
+    x_BTD = x_BTD + self.attn.attend(q, k.astype(q.dtype), v.astype(q.dtype), allowed_BTS)
+    x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+    return shard(x_BTD, ("batch", "length", "embed")), (k, v)
+
+
+class Transformer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = cfg.jnp_param_dtype
+    self.embed_VD = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd, 0.02)
+    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    if not cfg.tie_embeddings:
+      self.lm_head_DV = _param(
+        rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, 0.02
+      )
+
+  # -- pieces shared by both paths -------------------------------------------------------
+  def embed(self, tokens_BT: jax.Array) -> jax.Array:
+    x = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(self.cfg.jnp_dtype)
+    return shard(x, ("batch", "length", "embed"))
+
+  def lm_head_weight(self) -> jax.Array:
+    """[D, V] output projection (the transposed embedding table when tied)."""
+    if self.cfg.tie_embeddings:
+      return self.embed_VD[...].T
+    return self.lm_head_DV[...]
+
+  def logits(self, hidden_BTD: jax.Array) -> jax.Array:
+    """Final-normed hidden states -> float32 logits [B, T, V]."""
+    w = self.lm_head_weight().astype(self.cfg.jnp_dtype)
+    out = jnp.einsum("btd,dv->btv", hidden_BTD, w, preferred_element_type=jnp.float32)
+    return shard(out, ("batch", "length", "vocab"))
+
+  # -- full forward -----------------------------------------------------------------------
+  def __call__(self, tokens_BT, positions_BT, mask_BT, *, return_hidden: bool = False):
+    """Causal forward over a padded batch. Returns float32 logits [B, T, V] (or the
+    final-normed hidden states [B, T, D] with return_hidden=True)."""
+    T = tokens_BT.shape[1]
+    causal_TT = jnp.tril(jnp.ones((T, T), bool))
+    allowed_BTS = causal_TT[None] & mask_BT[:, None, :].astype(bool)
+    inv_freq = rope_inv_freq(self.cfg)
+    x = self.embed(tokens_BT)
+    for layer in self.layers:
+      x, _ = layer(x, positions_BT, inv_freq, allowed_BTS)
+    h = self.final_norm(x)
+    return h if return_hidden else self.logits(h)
+
+  # -- cached path ------------------------------------------------------------------------
+  def decode(self, tokens_BT, positions_BT, mask_BT, cache: KVCache):
+    """Append T tokens to the cache and return (float32 logits [B, T, V], new cache).
+
+    The new tokens go to slots [index, index + T); query t sees slot s when the slot holds
+    a real token and s <= index + t.
+    """
+    B, T = tokens_BT.shape
+    S = cache.size
+    index = cache.index
+    valid_BS = jax.lax.dynamic_update_slice(
+      cache.valid_BS, mask_BT.astype(bool), (jnp.zeros((), jnp.int32), index)
+    )
+    slots_S = jnp.arange(S)
+    causal_TS = slots_S[None, :] <= (index + jnp.arange(T))[:, None]
+    allowed_BTS = causal_TS[None] & valid_BS[:, None, :]
+    inv_freq = rope_inv_freq(self.cfg)
+    x = self.embed(tokens_BT)
+    ks, vs = [], []
+    for layer, k, v in zip(self.layers, cache.k, cache.v, strict=True):
+      x, (k, v) = layer(x, positions_BT, inv_freq, allowed_BTS, kv=(k, v), index=index)
+      ks.append(k)
+      vs.append(v)
+    logits = self.logits(self.final_norm(x))
+    new_cache = KVCache(k=tuple(ks), v=tuple(vs), valid_BS=valid_BS, index=index + T)
+    return logits, new_cache
+
+
+def positions_from_mask(mask_BT: jax.Array) -> jax.Array:
+  """Position ids for a padded batch: the count of real tokens before each slot (0 on pads)."""
+  return jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=1) - 1, 0)

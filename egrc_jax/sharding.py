@@ -1,0 +1,104 @@
+"""The device mesh and sharded model creation.
+
+One mesh with axes ("data", "fsdp", "tensor"): batch rows are split over data x fsdp,
+parameters over fsdp (their "embed" dimension) and tensor (heads, MLP width, vocab). The
+logical-axis rules table lives in `egrc_jax.model.logical.RULES`.
+
+Sharded initialisation goes through `nnx.eval_shape`, so a 7B model's parameters are only
+ever created already split across the devices (each device materialises its own shard).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from egrc_jax.model import ModelConfig, Transformer
+from egrc_jax.model.logical import RULES, logical_to_spec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = [data, fsdp, tensor]
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh shape {tuple(shape)}: at most one axis may be -1")
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if len(devices) % known:
+      raise ValueError(f"mesh shape {tuple(shape)} does not divide {len(devices)} devices")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(
+      f"mesh shape data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} = {math.prod(shape)}"
+      f" devices, but {len(devices)} are available; set mesh.* so the product matches"
+    )
+  return jax.make_mesh(
+    tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
+  )
+
+
+def variable_spec(var: nnx.Variable, mesh: Mesh, rules=RULES) -> P:
+  names = var.get_metadata().get("out_sharding")
+  if not names:
+    return P()
+  return logical_to_spec(names, var.shape, mesh, rules)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules=RULES) -> nnx.State:
+  """NamedSharding for every Variable of an (abstract or concrete) nnx state."""
+  return jax.tree.map(
+    lambda v: v.replace(NamedSharding(mesh, variable_spec(v, mesh, rules))),
+    state,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
+
+
+def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules=RULES) -> nnx.Module:
+  """Build the module returned by `make()` with every parameter created sharded."""
+  abstract = nnx.eval_shape(make)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = state_shardings(abstract_state, mesh, rules)
+
+  @jax.jit
+  def init():
+    return nnx.state(make())
+
+  with jax.set_mesh(mesh):
+    state = jax.jit(init, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def init_model(cfg: ModelConfig, mesh: Mesh | None = None, seed: int = 0) -> Transformer:
+  """A randomly initialised model, sharded over `mesh` when given."""
+  make = lambda: Transformer(cfg, nnx.Rngs(params=seed))
+  if mesh is None:
+    return make()
+  return create_sharded(make, mesh)
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """Shapes and dtypes of every parameter, without allocating anything."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0))))
+
+
+def shard_state(state: nnx.State, mesh: Mesh, rules=RULES) -> nnx.State:
+  """Place an existing state on the mesh according to its logical axis names."""
+  return jax.device_put(state, state_shardings(state, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Rows over data x fsdp, every other dimension replicated."""
+  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def count_params(state: nnx.State) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The README's test command: install (CPU wheels only) and run the suite on 8 emulated devices.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install --quiet -e ".[test]"
+ruff check egrc_jax tests configs
+python -m pytest -q -n 2 --durations=15 tests "$@"

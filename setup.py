@@ -1,0 +1,45 @@
+"""egrc_jax: Entropy-Guided Reasoning Compression in JAX (see README.md)."""
+
+from setuptools import find_packages, setup
+
+# Pinned to the versions the test suite runs against (see README.md, "Versions").
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "transformers==5.24.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "math-verify[antlr4_13_2]==0.9.0",
+    "ml-collections==1.1.0",
+    "absl-py==2.5.1",
+    "numpy==2.4.6",
+    "matplotlib==3.11.2",
+    "tensorboardX==2.6.5",
+    "pyarrow==26.0.1",
+    "tqdm==4.70.1",
+]
+
+EXTRAS = {
+    # PyTorch is only used by the parity tests and the sampler benchmark's peer.
+    "test": [
+        "torch==2.13.0",
+        "pytest==9.0.3",
+        "pytest-xdist==3.8.0",
+        "ruff==0.17.6",
+    ],
+    "tpu": ["jax[tpu]==0.10.2"],
+}
+
+setup(
+    name="egrc_jax",
+    version="0.1.0",
+    description="Entropy-Guided Reasoning Compression (two-stage GRPO) in JAX/Flax NNX",
+    packages=find_packages(include=["egrc_jax", "egrc_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
