@@ -16,7 +16,7 @@ MODEL_TYPES = ("qwen2", "llama", "qwen3")
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   model_type: str = "qwen2"  # qwen2 | llama | qwen3: which HF family this maps to.
-  vocab_size: int = 256  # V
+  vocab_size: int = 272  # V (the tiny preset fits the 260-token byte tokenizer)
   hidden_size: int = 64  # D
   intermediate_size: int = 128  # F (SwiGLU inner width)
   num_layers: int = 2  # L

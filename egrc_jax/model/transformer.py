@@ -257,8 +257,9 @@ class Transformer(nnx.Module):
     return h if return_hidden else self.logits(h)
 
   # -- cached path ------------------------------------------------------------------------
-  def decode(self, tokens_BT, positions_BT, mask_BT, cache: KVCache):
-    """Append T tokens to the cache and return (float32 logits [B, T, V], new cache).
+  def decode(self, tokens_BT, positions_BT, mask_BT, cache: KVCache, *, return_hidden=False):
+    """Append T tokens to the cache and return (float32 logits [B, T, V], new cache), or
+    (final-normed hidden [B, T, D], new cache) with return_hidden=True.
 
     The new tokens go to slots [index, index + T); query t sees slot s when the slot holds
     a real token and s <= index + t.
@@ -279,9 +280,9 @@ class Transformer(nnx.Module):
       x, (k, v) = layer(x, positions_BT, inv_freq, allowed_BTS, kv=(k, v), index=index)
       ks.append(k)
       vs.append(v)
-    logits = self.logits(self.final_norm(x))
+    h = self.final_norm(x)
     new_cache = KVCache(k=tuple(ks), v=tuple(vs), valid_BS=valid_BS, index=index + T)
-    return logits, new_cache
+    return (h if return_hidden else self.logits(h)), new_cache
 
 
 def positions_from_mask(mask_BT: jax.Array) -> jax.Array:

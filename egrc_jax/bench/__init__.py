@@ -1,0 +1,1 @@
+"""Micro-benchmarks: `python -m egrc_jax.bench.<name>`."""

@@ -1,0 +1,56 @@
+"""Prompts as token ids: the model's chat template around the problem plus the instruction.
+
+The user message is `problem + "\\n" + instruction` (instruction omitted when empty), with an
+optional system message, rendered by the tokenizer's own chat template with
+`add_generation_prompt=True` (so the prompt ends where the assistant's reply starts, e.g.
+"<｜Assistant｜><think>\\n" for R1-Distill), then encoded without adding special tokens
+again (templates already write BOS into the text).
+
+Fallback, for tokenizers without a chat template (the toy task's, plain base models):
+  "[System: <system>\\n]User: <problem>\\n<instruction>\\nAssistant:"
+encoded with the tokenizer's special tokens (so a BOS is added when the tokenizer adds one).
+"""
+
+from __future__ import annotations
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+FALLBACK_TEMPLATE = "User: {user}\nAssistant:"
+
+
+def user_message(problem: str, instruction: str = INSTRUCTION) -> str:
+  """The user turn: the problem, then the instruction on its own line."""
+  return f"{problem}\n{instruction}" if instruction else problem
+
+
+def chat_messages(problem: str, instruction: str = INSTRUCTION, system_prompt: str = ""):
+  """[{"role", "content"}] messages for `apply_chat_template`."""
+  messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+  messages.append({"role": "user", "content": user_message(problem, instruction)})
+  return messages
+
+
+def has_chat_template(tokenizer) -> bool:
+  return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_prompt(
+  tokenizer, problem: str, instruction: str = INSTRUCTION, system_prompt: str = ""
+) -> str:
+  """The prompt text: chat template with the generation prompt, or the plain fallback."""
+  if has_chat_template(tokenizer):
+    return tokenizer.apply_chat_template(
+      chat_messages(problem, instruction, system_prompt),
+      tokenize=False,
+      add_generation_prompt=True,
+    )
+  text = FALLBACK_TEMPLATE.format(user=user_message(problem, instruction))
+  return f"System: {system_prompt}\n{text}" if system_prompt else text
+
+
+def encode_prompt(
+  tokenizer, problem: str, instruction: str = INSTRUCTION, system_prompt: str = ""
+) -> list[int]:
+  """Token ids of `render_prompt` (special tokens added only for the fallback template)."""
+  text = render_prompt(tokenizer, problem, instruction, system_prompt)
+  return list(tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"])

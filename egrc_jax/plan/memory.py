@@ -1,0 +1,239 @@
+"""Per-device memory plan terms of an EGRC run, from shapes alone (no devices, no allocation).
+
+    python -m egrc_jax.plan --preset=r1_distill_1p5b --chip=v4 --num_chips=16 \
+      --mesh=data:1,fsdp:16,tensor:1 --rollout_batch=512 --max_prompt=1024 \
+      --max_new_tokens=8192 --micro_batch=16 --remat=full
+
+Parameter shard shapes come from `nnx.eval_shape` (`sharding.abstract_model`) and the real
+sharding rules (`sharding.state_shardings`) over a `jax.sharding.AbstractMesh`, so they are
+exactly what `create_sharded` would allocate. Activation terms are estimates whose formulas
+are printed next to each number (see `activation_terms`).
+
+Shape letters: L layers, D hidden, F MLP width, V vocab, N query heads, K kv heads, H head
+dim; b micro-batch rows per device, T training sequence length; r rollout rows per device,
+S cache length (prompt + new tokens), p prefill rows per device, P prompt length; t_h, t_k,
+t_f, t_v: tensor shards of heads, kv heads, MLP width, vocab (1 when the tensor axis does not
+divide that dimension, the `logical_to_spec` fallback); a: compute-dtype bytes.
+
+Phases: the rollout (KV cache live) and the learner step (activations and gradients live)
+never overlap, so the peak is `state + max(rollout, train)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from flax import nnx
+from jax.sharding import AbstractMesh, AxisType
+
+from egrc_jax.model import ModelConfig
+from egrc_jax.plan.settings import (
+  OPTIMIZER_MOMENTS,
+  MemoryPlan,
+  PlanSettings,
+  Term,
+  nbytes,
+)
+from egrc_jax.sharding import MESH_AXES, abstract_model, state_shardings
+
+
+def abstract_mesh(mesh_shape: dict[str, int]) -> AbstractMesh:
+  sizes = tuple(int(mesh_shape[a]) for a in MESH_AXES)
+  return AbstractMesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def param_elements_per_device(cfg: ModelConfig, mesh_shape: dict[str, int]) -> int:
+  """Elements of every parameter's shard on one device, from eval_shape and the rules table."""
+  return _param_elements(cfg, tuple(int(mesh_shape.get(a, 1)) for a in MESH_AXES))
+
+
+@functools.lru_cache(maxsize=32)  # eval_shape of a 7B model takes ~1 s; plans repeat meshes
+def _param_elements(cfg: ModelConfig, sizes: tuple[int, ...]) -> int:
+  _, state = abstract_model(cfg)
+  shardings = state_shardings(state, abstract_mesh(dict(zip(MESH_AXES, sizes, strict=True))))
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  total = 0
+  for var, sh in zip(
+    jax.tree.leaves(state, is_leaf=is_var), jax.tree.leaves(shardings, is_leaf=is_var), strict=True
+  ):
+    total += math.prod(sh.get_value().shard_shape(var.shape))
+  return int(total)
+
+
+def _split(n: int, shards: int) -> int:
+  """Shards a dimension of size n is split into: the logical_to_spec divisibility fallback."""
+  return shards if n % shards == 0 else 1
+
+
+def kv_cache_bytes(cfg: ModelConfig, s: PlanSettings, rows: int) -> int:
+  """2 (k and v) x L x (rows / (data fsdp)) x S x (K / t_k) x H x kv bytes + the bool mask."""
+  r = rows // (s.data * s.fsdp)
+  K = cfg.num_kv_heads // _split(cfg.num_kv_heads, s.tensor)
+  kv = 2 * cfg.num_layers * r * s.cache_len * K * cfg.head_dim * nbytes(s.kv_dtype)
+  return kv + r * s.cache_len  # valid_BS
+
+
+def layer_bytes(cfg: ModelConfig, s: PlanSettings, b: int, T: int, S: int) -> tuple[int, str]:
+  """What one block keeps for its backward (or holds at once in a forward), per device."""
+  a, t = nbytes(s.compute_dtype), s.tensor
+  D, F, N, K, H = (
+    cfg.hidden_size,
+    cfg.intermediate_size,
+    cfg.num_heads,
+    cfg.num_kv_heads,
+    cfg.head_dim,
+  )
+  Nt, Kt, Ft = N // _split(N, t), K // _split(K, t), F // _split(F, t)
+  linear = b * T * (a * (4 * D + 2 * Nt * H + 2 * Kt * H + 3 * Ft) + 4 * 2 * D)
+  formula = "b T [a (4D + 2N/t_h H + 2K/t_k H + 3F/t_f) + 8D]"
+  if s.attention == "dense":
+    scores = b * Nt * T * S * (4 + a)
+    formula += " + b N/t_h T S (4 + a)"
+  else:
+    scores = b * Nt * T * 4 * 2
+    formula += " + 8 b N/t_h T"
+  return linear + scores, formula
+
+
+def activation_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
+  """Learner activations of one micro-batch (b rows per device, length T).
+
+  none: (L + 1) x layer   -- every block's saved tensors, plus one block's cotangents.
+  full: L b T D a + 2 x layer -- block inputs only; one block recomputed plus its cotangents.
+  head: b T D (a + 4) + 3 x min(logits_chunk, b T) x V/t_v x 4 -- final hidden, and one
+        chunk's f32 logits, probabilities and cotangent (the loss is chunked and remat'd).
+  """
+  b, T, L = s.micro_batch_rows // (s.data * s.fsdp), s.seq_len, cfg.num_layers
+  a = nbytes(s.compute_dtype)
+  layer, lf = layer_bytes(cfg, s, b, T, T)
+  if s.remat == "none":
+    blocks, bf = (L + 1) * layer, f"(L + 1) x layer; layer = {lf}"
+  else:
+    blocks = L * b * T * cfg.hidden_size * a + 2 * layer
+    bf = f"L b T D a + 2 x layer; layer = {lf}"
+  V = cfg.vocab_size // _split(cfg.vocab_size, s.tensor)
+  chunk = min(s.logits_chunk, b * T)
+  head = b * T * cfg.hidden_size * (a + 4) + 3 * chunk * V * 4
+  return [
+    Term(f"activations (remat={s.remat}, {s.attention})", "train", blocks, bf),
+    Term(
+      "final hidden + logits/entropy chunk",
+      "train",
+      head,
+      f"b T D (a + 4) + 3 min({s.logits_chunk}, b T) V/t_v 4",
+    ),
+  ]
+
+
+def rollout_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
+  """KV cache of the rollout rows, plus the larger of the prefill and decode working sets.
+
+  prefill: KV(p rows) + one block's forward at (p, P) + p P D a -- before the G-fold repeat;
+           the repeat briefly holds KV(p) and KV(r) together, counted via max(., KV(p)).
+  decode:  3 r V/t_v 4 + r N/t_h S (4 + a) -- one step's f32 logits/probs/entropy and one
+           layer's attention scores against the cache.
+  """
+  rows = s.data * s.fsdp
+  r, a = s.rollout_rows // rows, nbytes(s.compute_dtype)
+  V = cfg.vocab_size // _split(cfg.vocab_size, s.tensor)
+  Nt = cfg.num_heads // _split(cfg.num_heads, s.tensor)
+  kv = kv_cache_bytes(cfg, s, s.rollout_rows)
+  decode = 3 * r * V * 4 + r * Nt * s.cache_len * (4 + a)
+  terms = [Term("KV cache (rollout rows)", "rollout", kv, "2 L r S K/t_k H a_kv + r S")]
+  p_rows = s.prefill_rows or s.rollout_rows
+  kv_p = kv_cache_bytes(cfg, s, p_rows)
+  work = max(decode, kv_p if p_rows != s.rollout_rows else 0)
+  wf = "max(3 r V/t_v 4 + r N/t_h S (4 + a), KV(p)"
+  if s.prompt_len:
+    p = p_rows // rows
+    layer, _ = layer_bytes(cfg, s, p, s.prompt_len, s.prompt_len)
+    # Prefill runs before the r-row cache exists: count its peak as an excess over KV(r).
+    work = max(work, kv_p + layer + p * s.prompt_len * cfg.hidden_size * a - kv)
+    wf += ", KV(p) + layer(p, P) + p P D a - KV(r)"
+  wf += ")"
+  terms.append(Term("rollout working set", "rollout", work, wf))
+  return terms
+
+
+def plan_memory(
+  model_cfg: ModelConfig,
+  mesh_shape: dict[str, int],
+  chip: str,
+  rollout_rows: int,
+  cache_len: int,
+  micro_batch_rows: int,
+  seq_len: int,
+  remat: str = "full",
+  optimizer: str = "adamw",
+  param_dtype: str | None = None,
+  opt_state_dtype: str = "float32",
+  reference: bool = False,
+  **more,
+) -> MemoryPlan:
+  """The per-device memory plan. `more` sets the other `PlanSettings` fields."""
+  unknown = set(mesh_shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"mesh axes {sorted(unknown)} are unknown; use {MESH_AXES}")
+  shape = {a: int(mesh_shape.get(a, 1)) for a in MESH_AXES}
+  more.setdefault("kv_dtype", model_cfg.dtype)
+  more.setdefault("compute_dtype", model_cfg.dtype)
+  s = PlanSettings(
+    mesh_shape=tuple(shape.items()),
+    chip=chip,
+    rollout_rows=rollout_rows,
+    cache_len=cache_len,
+    micro_batch_rows=micro_batch_rows,
+    seq_len=seq_len,
+    remat=remat,
+    optimizer=optimizer,
+    param_dtype=param_dtype or model_cfg.param_dtype,
+    opt_state_dtype=opt_state_dtype,
+    reference=reference,
+    **more,
+  )
+  n = param_elements_per_device(model_cfg, shape)
+  pb = nbytes(s.param_dtype)
+  terms = [Term("params", "state", n * pb, f"params/device {n:,} x {pb} B")]
+  master = s.master_dtype is not None and s.master_dtype != s.param_dtype
+  if master:
+    mb = nbytes(s.master_dtype)
+    terms.append(Term(f"master params ({s.master_dtype})", "state", n * mb, f"{n:,} x {mb} B"))
+  moments = OPTIMIZER_MOMENTS[s.optimizer]
+  if moments:
+    ob = nbytes(s.opt_state_dtype)
+    terms.append(
+      Term(
+        f"{s.optimizer} moments ({s.opt_state_dtype})",
+        "state",
+        moments * n * ob,
+        f"{moments} x {n:,} x {ob} B",
+      )
+    )
+  if s.reference:
+    terms.append(Term("reference params (KL on)", "state", n * pb, f"{n:,} x {pb} B"))
+  terms += rollout_terms(model_cfg, s)
+  gb = nbytes(s.grad_dtype)
+  terms.append(
+    Term("gradients (accumulator + micro)", "train", n * (gb + pb), f"{n:,} x ({gb} + {pb}) B")
+  )
+  terms += activation_terms(model_cfg, s)
+  assumptions = (
+    "params sharded by the RULES table (embed over fsdp; heads/mlp/vocab over tensor when it"
+    " divides); shard shapes from nnx.eval_shape over an AbstractMesh",
+    f"master copy: {'kept' if master else 'none'} (master_dtype={s.master_dtype},"
+    f" param_dtype={s.param_dtype}); optimizer {s.optimizer} with {moments} moment(s)"
+    f" in {s.opt_state_dtype}, sharded like the params",
+    "gradients: one f32 accumulator over micro-batches plus one micro-batch's grads in"
+    " param dtype; the update is donated in place (no second copy of the state)",
+    "rollout and learner phases never overlap (KV cache freed before the train step)",
+    f"activation formulas are estimates (XLA fusion changes them by tens of percent);"
+    f" attention={s.attention}: dense holds f32 scores + probs [N/t_h, T, S] per block",
+    f"reserve {s.reserve:.0%} of HBM for XLA scratch, collectives buffers and fragmentation",
+  )
+  desc = (
+    f"{model_cfg.model_type} L={model_cfg.num_layers} D={model_cfg.hidden_size}"
+    f" ({model_cfg.num_params() / 1e9:.2f}B params)"
+  )
+  return MemoryPlan(settings=s, model=desc, terms=tuple(terms), assumptions=assumptions)

@@ -1,0 +1,54 @@
+"""Rollout sampler: jitted prefill + one `lax.while_loop` decode over the explicit KV cache.
+
+See docs/sampler.md. `generate(model, prompts, cfg, num_samples, seed, mesh)` is the entry.
+"""
+
+from egrc_jax.sampler.config import SamplingConfig
+from egrc_jax.sampler.generate import (
+  TRACE_COUNTS,
+  decode_loop,
+  generate,
+  generate_state,
+  prefill,
+  prepare_prompts,
+  trace_counts,
+)
+from egrc_jax.sampler.rollout import (
+  Rollout,
+  completion_lists,
+  decode_texts,
+  grouped,
+  prompt_lists,
+  summary,
+)
+from egrc_jax.sampler.sampling import (
+  inverse_cdf_sample,
+  sample_step,
+  sampling_logits,
+  token_stats,
+  top_k_filter,
+  top_p_filter,
+)
+
+__all__ = [
+  "TRACE_COUNTS",
+  "Rollout",
+  "SamplingConfig",
+  "completion_lists",
+  "decode_loop",
+  "decode_texts",
+  "generate",
+  "generate_state",
+  "grouped",
+  "inverse_cdf_sample",
+  "prefill",
+  "prepare_prompts",
+  "prompt_lists",
+  "sample_step",
+  "sampling_logits",
+  "summary",
+  "token_stats",
+  "top_k_filter",
+  "top_p_filter",
+  "trace_counts",
+]

@@ -1,0 +1,125 @@
+"""One sampling step as pure functions: logit filters, drawing a token, per-token statistics.
+
+Shape letters: B rows, V vocab, K blocks of the vocab, J tokens per block.
+
+Everything here is sort-free: a full sort of [B, V] logits is by far the slowest op of a CPU
+decode step (hundreds of ms at B=64, V=32k), so top-p finds its threshold by bisection over
+the float bits of the probabilities and the draw is an inverse-CDF search over vocab blocks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from egrc_jax.sampler.config import SamplingConfig
+
+_BLOCK = 256  # J: vocab block width of the two-level inverse-CDF search.
+
+
+def top_k_filter(logits_BV: jax.Array, k: int) -> jax.Array:
+  """Logits below the k-th largest of their row set to -inf (ties with it are kept)."""
+  if k <= 0 or k >= logits_BV.shape[-1]:
+    return logits_BV
+  kth_B1 = jax.lax.top_k(logits_BV, k)[0][:, -1:]
+  return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+
+
+def top_p_filter(logits_BV: jax.Array, top_p: float) -> jax.Array:
+  """Keep the smallest set of most probable tokens whose probability mass reaches top_p.
+
+  With p = softmax(logits) and g(c) = sum_v p_v [p_v >= c], the kept set is {v : p_v >= c*},
+  c* = max{c : g(c) >= top_p}. g is monotone in c and non-negative floats order like their
+  int32 bit patterns, so 32 bisection steps over the bits find c* exactly (no sort). This is
+  the HF rule "drop tokens whose ascending cumulative mass is <= 1 - top_p", except that
+  tokens tied with the threshold are all kept.
+  """
+  if top_p >= 1.0:
+    return logits_BV
+  probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+  bits_BV = jax.lax.bitcast_convert_type(probs_BV, jnp.int32)
+  lo_B = jnp.zeros(bits_BV.shape[:1], jnp.int32)  # g(lo) >= top_p
+  hi_B = jnp.max(bits_BV, axis=-1) + 1  # g(hi) = 0 < top_p
+
+  def body(_, lo_hi):
+    lo_B, hi_B = lo_hi
+    mid_B = lo_B + (hi_B - lo_B) // 2
+    mass_B = jnp.sum(jnp.where(bits_BV >= mid_B[:, None], probs_BV, 0.0), axis=-1)
+    ok_B = mass_B >= top_p
+    return jnp.where(ok_B, mid_B, lo_B), jnp.where(ok_B, hi_B, mid_B)
+
+  lo_B, _ = jax.lax.fori_loop(0, 32, body, (lo_B, hi_B))
+  return jnp.where(bits_BV >= lo_B[:, None], logits_BV, -jnp.inf)
+
+
+def sampling_logits(logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """float32 logits of the sampling distribution: logits / T, then top-k, then top-p
+  (removed tokens at -inf). The order is that of HF's warpers."""
+  x_BV = logits_BV.astype(jnp.float32) / cfg.temperature
+  return top_p_filter(top_k_filter(x_BV, cfg.top_k), cfg.top_p)
+
+
+def inverse_cdf_sample(probs_BV: jax.Array, u_B: jax.Array) -> jax.Array:
+  """Token index t with cdf(t - 1) <= u * total < cdf(t), for u in [0, 1).
+
+  Two levels (block sums, then one block) so the cumulative sums stay short: O(V) work per
+  row instead of a [B, V] cumsum. A token of zero probability is never returned.
+  """
+  B, V = probs_BV.shape
+  K = -(-V // _BLOCK)
+  p_BKJ = jnp.pad(probs_BV, ((0, 0), (0, K * _BLOCK - V))).reshape(B, K, _BLOCK)
+  mass_BK = jnp.sum(p_BKJ, axis=-1)
+  cum_BK = jnp.cumsum(mass_BK, axis=-1)
+  target_B = u_B * cum_BK[:, -1]
+  blocks_K = jnp.arange(K)
+  # First block whose cumulative mass exceeds the target; rounding can leave none, then the
+  # last block with mass (a zero-mass block never satisfies the strict inequality first).
+  last_K = jnp.max(jnp.where(mass_BK > 0, blocks_K, -1), axis=-1)
+  blk_B = jnp.where(cum_BK[:, -1] > target_B, jnp.sum(cum_BK <= target_B[:, None], -1), last_K)
+  blk_B = jnp.clip(blk_B, 0, K - 1)
+  before_B = jnp.take_along_axis(cum_BK - mass_BK, blk_B[:, None], axis=-1)[:, 0]
+  inner_B = jnp.maximum(target_B - before_B, 0.0)
+  p_BJ = jnp.take_along_axis(p_BKJ, blk_B[:, None, None], axis=1)[:, 0]
+  cum_BJ = jnp.cumsum(p_BJ, axis=-1)
+  slots_J = jnp.arange(_BLOCK)
+  last_J = jnp.max(jnp.where(p_BJ > 0, slots_J, -1), axis=-1)
+  idx_B = jnp.where(cum_BJ[:, -1] > inner_B, jnp.sum(cum_BJ <= inner_B[:, None], -1), last_J)
+  return (blk_B * _BLOCK + jnp.clip(idx_B, 0, _BLOCK - 1)).astype(jnp.int32)
+
+
+def token_stats(logits_BV: jax.Array, tokens_B: jax.Array, cfg: SamplingConfig):
+  """Statistics of chosen tokens under one step's float32 logits.
+
+  Returns (logprob_B, policy_logprob_B, entropy_B):
+    logprob = log q(token), q = softmax(sampling_logits) (0 when greedy: q is one-hot);
+    policy_logprob = log p(token), p = softmax(logits) (T = 1, no filter);
+    entropy = -sum_v p_v log p_v.
+  """
+  logits_BV = logits_BV.astype(jnp.float32)
+  logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+  entropy_B = -jnp.sum(jnp.exp(logp_BV) * logp_BV, axis=-1)
+  take = lambda x_BV: jnp.take_along_axis(x_BV, tokens_B[:, None], axis=-1)[:, 0]
+  policy_B = take(logp_BV)
+  if cfg.greedy:
+    return jnp.zeros_like(policy_B), policy_B, entropy_B
+  logq_BV = jax.nn.log_softmax(sampling_logits(logits_BV, cfg), axis=-1)
+  return take(logq_BV), policy_B, entropy_B
+
+
+def sample_step(logits_BV: jax.Array, keys_B: jax.Array, cfg: SamplingConfig):
+  """Draw one token per row. keys_B: one PRNG key per row (only used when sampling).
+
+  Returns (tokens_B int32, logprob_B, policy_logprob_B, entropy_B) as in `token_stats`.
+  """
+  logits_BV = logits_BV.astype(jnp.float32)
+  logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+  entropy_B = -jnp.sum(jnp.exp(logp_BV) * logp_BV, axis=-1)
+  take = lambda x_BV, t_B: jnp.take_along_axis(x_BV, t_B[:, None], axis=-1)[:, 0]
+  if cfg.greedy:
+    tokens_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    policy_B = take(logp_BV, tokens_B)
+    return tokens_B, jnp.zeros_like(policy_B), policy_B, entropy_B
+  logq_BV = jax.nn.log_softmax(sampling_logits(logits_BV, cfg), axis=-1)
+  u_B = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys_B)
+  tokens_B = inverse_cdf_sample(jnp.exp(logq_BV), u_B)
+  return tokens_B, take(logq_BV, tokens_B), take(logp_BV, tokens_B), entropy_B

@@ -1,0 +1,254 @@
+"""SFT warm start on the toy task: a small Qwen2-family model learns verbose reasoning.
+
+    python -m egrc_jax.toy.sft --workdir /tmp/toy_sft [--steps 600 --seed 0]
+
+writes DIR/tokenizer/ (the toy tokenizer), DIR/data/ (train/test JSONL), DIR/sft/ (the model)
+and DIR/sft_metrics.json, and prints the test accuracy and mean response length.
+
+Loss: mean next-token cross entropy over response tokens only (the reasoning after "<think>",
+the boxed answer and <eos>); the prompt is context, not a target:
+    loss = sum_{b,t} m_bt * -log p(x_{b,t+1} | x_{b,<=t}) / sum_{b,t} m_bt
+with m_bt = 1 where x_{b,t+1} is a response token.
+
+Shape letters: B batch, T sequence length (prompt + response, right padded), V vocab.
+"""
+
+from __future__ import annotations
+
+import os
+
+if __name__ == "__main__":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from egrc_jax.model import ModelConfig, Transformer, positions_from_mask
+from egrc_jax.sharding import init_model
+from egrc_jax.toy import task as task_lib
+from egrc_jax.toy import tokenizer as tok_lib
+from egrc_jax.toy.checkpoint import save_sft
+from egrc_jax.toy.data import write_splits
+from egrc_jax.toy.evaluate import evaluate
+
+_BUCKET = 32  # sequences are padded to a multiple of this, so only a few shapes compile
+
+
+@dataclasses.dataclass(frozen=True)
+class SftConfig:
+  # model (Qwen2 family: q/k/v bias, untied head)
+  hidden_size: int = 96
+  intermediate_size: int = 256
+  num_layers: int = 3
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 24
+  # data
+  num_train: int = 20_000  # distinct training problems (one verbose solution each)
+  num_test: int = 500  # held-out problems for the accuracy / length figures
+  task: task_lib.TaskConfig = task_lib.TaskConfig()
+  cot: task_lib.CotConfig = task_lib.CotConfig()
+  # optimisation (AdamW, linear warmup then cosine decay to 10%)
+  steps: int = 600
+  batch_size: int = 32
+  learning_rate: float = 3e-3
+  warmup_fraction: float = 0.1  # share of the steps spent warming the learning rate up
+  weight_decay: float = 0.01
+  grad_clip: float = 1.0
+  seed: int = 0
+  log_every: int = 50
+  # evaluation: the EGRC protocol's temperature, one sample per test problem
+  eval_temperature: float = 0.6
+  eval_max_new_tokens: int = 256
+
+  def __post_init__(self):
+    if self.steps < 1 or self.batch_size < 1:
+      raise ValueError(f"steps={self.steps} and batch_size={self.batch_size} must be >= 1")
+    if self.num_train < self.batch_size:
+      raise ValueError(f"num_train={self.num_train} must be >= batch_size={self.batch_size}")
+    if self.num_test < 1:
+      raise ValueError(f"num_test={self.num_test} must be >= 1")
+    if self.learning_rate <= 0 or not 0 <= self.warmup_fraction < 1:
+      raise ValueError(
+        f"learning_rate={self.learning_rate} must be > 0 and warmup_fraction="
+        f"{self.warmup_fraction} in [0, 1)"
+      )
+
+  def model_config(self, tokenizer) -> ModelConfig:
+    return ModelConfig(
+      model_type="qwen2",
+      vocab_size=tok_lib.model_vocab_size(tokenizer),
+      hidden_size=self.hidden_size,
+      intermediate_size=self.intermediate_size,
+      num_layers=self.num_layers,
+      num_heads=self.num_heads,
+      num_kv_heads=self.num_kv_heads,
+      head_dim=self.head_dim,
+      qkv_bias=True,
+      tie_embeddings=False,
+      max_position_embeddings=512,
+      bos_token_id=tokenizer.bos_token_id,
+      eos_token_ids=(tokenizer.eos_token_id,),
+      pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+# -- data --------------------------------------------------------------------------------
+
+
+def tokenize_examples(tokenizer, examples) -> tuple[list[np.ndarray], list[int]]:
+  """Per example: the token ids (prompt + response) and the prompt length."""
+  seqs, prompt_lens = [], []
+  for problem, response, _ in examples:
+    prompt = tok_lib.encode_prompt(tokenizer, problem.text)
+    seqs.append(np.asarray(prompt + tok_lib.encode_response(tokenizer, response), np.int32))
+    prompt_lens.append(len(prompt))
+  return seqs, prompt_lens
+
+
+def make_batch(seqs, prompt_lens, idx, pad_id: int) -> dict[str, np.ndarray]:
+  """Right-padded tokens_BT, mask_BT (real tokens) and loss_BT (response targets, shifted:
+  loss_BT[b, t] weighs predicting tokens_BT[b, t + 1])."""
+  T = -(-max(len(seqs[i]) for i in idx) // _BUCKET) * _BUCKET
+  tokens = np.full((len(idx), T), pad_id, np.int32)
+  loss = np.zeros((len(idx), T), np.float32)
+  mask = np.zeros((len(idx), T), bool)
+  for r, i in enumerate(idx):
+    n, p = len(seqs[i]), prompt_lens[i]
+    tokens[r, :n] = seqs[i]
+    mask[r, :n] = True
+    loss[r, p - 1 : n - 1] = 1.0
+  return {"tokens_BT": tokens, "mask_BT": mask, "loss_BT": loss}
+
+
+def batch_order(lengths: list[int], batch_size: int, rng: np.random.Generator):
+  """Endless batches of indices; each epoch is shuffled, then grouped by length within
+  windows of 16 batches so padding stays small."""
+  n = len(lengths)
+  while True:
+    perm = rng.permutation(n)
+    batches = []
+    window = 16 * batch_size
+    for s in range(0, n - batch_size + 1, window):
+      chunk = sorted(perm[s : s + window], key=lambda i: lengths[i])
+      batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    batches = [b for b in batches if len(b) == batch_size]
+    for k in rng.permutation(len(batches)):
+      yield batches[k]
+
+
+# -- training ----------------------------------------------------------------------------
+
+
+def response_loss(model: Transformer, batch) -> jax.Array:
+  """Mean cross entropy over response targets (see the module docstring)."""
+  tokens_BT, mask_BT = batch["tokens_BT"], batch["mask_BT"]
+  logits_BTV = model(tokens_BT, positions_from_mask(mask_BT), mask_BT)
+  targets_BT = jnp.roll(tokens_BT, -1, axis=1)
+  logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+  nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  w_BT = batch["loss_BT"]
+  return jnp.sum(nll_BT * w_BT) / jnp.maximum(jnp.sum(w_BT), 1.0)
+
+
+def make_optimizer(cfg: SftConfig) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0, cfg.learning_rate, int(cfg.warmup_fraction * cfg.steps), cfg.steps, cfg.learning_rate * 0.1
+  )
+  # Decay matrices only; norm scales and biases are left alone (the usual LM recipe).
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+  return optax.chain(
+    optax.clip_by_global_norm(cfg.grad_clip),
+    optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask),
+  )
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+  """A jitted (params, opt_state, batch) -> (params, opt_state, loss) over nnx.State."""
+
+  def loss_fn(params, batch):
+    return response_loss(nnx.merge(graphdef, params), batch)
+
+  @jax.jit
+  def step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step
+
+
+def train_sft(cfg: SftConfig, tokenizer, train_problems, *, log=print) -> tuple[Transformer, list]:
+  """Trains from scratch on one verbose solution per training problem.
+
+  Returns the model and the logged history [(step, loss, tokens_per_s)].
+  """
+  examples = task_lib.sft_examples(train_problems, cfg.cot, seed=cfg.seed)
+  seqs, prompt_lens = tokenize_examples(tokenizer, examples)
+  model = init_model(cfg.model_config(tokenizer), seed=cfg.seed)
+  graphdef, params = nnx.split(model)
+  tx = make_optimizer(cfg)
+  opt_state = tx.init(params)
+  step_fn = make_train_step(graphdef, tx)
+  batches = batch_order([len(s) for s in seqs], cfg.batch_size, np.random.default_rng(cfg.seed))
+  history, t0, tokens = [], time.perf_counter(), 0
+  for step in range(1, cfg.steps + 1):
+    batch = make_batch(seqs, prompt_lens, next(batches), tokenizer.pad_token_id)
+    params, opt_state, loss = step_fn(params, opt_state, batch)
+    tokens += int(batch["mask_BT"].sum())
+    if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
+      loss = float(loss)
+      rate = tokens / (time.perf_counter() - t0)
+      history.append((step, loss, rate))
+      log(f"step {step:5d}  loss {loss:.4f}  tokens/s {rate:,.0f}")
+  return nnx.merge(graphdef, params), history
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True)
+  d = SftConfig()
+  parser.add_argument("--steps", type=int, default=d.steps)
+  parser.add_argument("--seed", type=int, default=d.seed)
+  parser.add_argument("--batch_size", type=int, default=d.batch_size)
+  parser.add_argument("--learning_rate", type=float, default=d.learning_rate)
+  parser.add_argument("--num_train", type=int, default=d.num_train)
+  parser.add_argument("--num_test", type=int, default=d.num_test)
+  parser.add_argument("--eval_temperature", type=float, default=d.eval_temperature)
+  args = parser.parse_args(argv)
+  cfg = SftConfig(**{k: v for k, v in vars(args).items() if k != "workdir"})
+  workdir = pathlib.Path(args.workdir)
+  tokenizer = tok_lib.build_tokenizer(workdir / "tokenizer")
+  train, test = task_lib.make_splits(cfg.task, cfg.num_train, cfg.num_test, seed=cfg.seed)
+  write_splits(workdir / "data", train, test)
+  t0 = time.perf_counter()
+  model, history = train_sft(cfg, tokenizer, train)
+  train_s = time.perf_counter() - t0
+  save_sft(model, workdir / "tokenizer", workdir / "sft")
+  metrics = evaluate(
+    model, tokenizer, test, temperature=cfg.eval_temperature,
+    max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed,
+  )  # fmt: skip
+  metrics.update(train_seconds=train_s, final_loss=history[-1][1], steps=cfg.steps)
+  (workdir / "sft_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+  print(
+    f"test accuracy {metrics['accuracy']:.3f}  mean length {metrics['mean_length']:.1f}"
+    f" tokens (concise reference {metrics['concise_length']:.1f}, ratio"
+    f" {metrics['length_ratio_to_concise']:.2f})  connector share"
+    f" {metrics['connector_share']:.3f}  truncated {metrics['truncated']:.3f}"
+  )
+  return metrics
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,264 @@
+"""The toy reasoning task: chained integer arithmetic with verbose chains of thought.
+
+A problem is a start value and a chain of operations, e.g.
+    "start 7 , add 5 , times 3 , minus 4 ."   answer 32
+Every intermediate value stays in [0, value_max], so each step is a small, exactly
+checkable fact ("12 * 3 = 36").
+
+Two solution formats, both in the R1 shape (the chat template's generation prompt ends with
+"<think>", the response is the reasoning, then "</think> \\boxed{N}"):
+  * concise: the necessary steps only
+      "7 + 5 = 12 . 12 * 3 = 36 . 36 - 4 = 32 . </think> \\boxed{32}"
+  * verbose: the same steps, plus re-checks opened by connectors ("wait", "hmm", "so",
+    "therefore", "alternatively", "let me ...") and planted slips (a step first computed
+    wrong, then "wait , that is wrong ." and the right value). Re-checks only restate or
+    invert a step already made, so the answer is always computable from the necessary steps
+    alone: the verbose part is removable.
+
+Train and test are split by a stable hash of the problem text, so they are disjoint by
+construction and each problem's split does not depend on how many were drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+OPS = ("add", "minus", "times")
+_SYMBOL = {"add": "+", "minus": "-", "times": "*"}
+CONNECTORS = ("wait", "hmm", "so", "therefore", "alternatively", "let", "but", "okay")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  min_ops: int = 3  # fewest operations in a chain
+  max_ops: int = 4  # most operations in a chain
+  start_max: int = 20  # start value drawn from [1, start_max]
+  operand_max: int = 9  # add / minus operands drawn from [1, operand_max]
+  times_max: int = 3  # times operands drawn from [2, times_max]
+  value_max: int = 99  # every intermediate value stays in [0, value_max]
+  test_percent: int = 10  # share of the problem space (by text hash) that is held out
+
+  def __post_init__(self):
+    if not 1 <= self.min_ops <= self.max_ops:
+      raise ValueError(f"need 1 <= min_ops <= max_ops, got {self.min_ops}, {self.max_ops}")
+    if not 1 <= self.start_max <= self.value_max:
+      raise ValueError(f"start_max={self.start_max} must lie in [1, value_max={self.value_max}]")
+    if self.operand_max < 1 or self.times_max < 2:
+      raise ValueError(
+        f"operand_max={self.operand_max} must be >= 1 and times_max={self.times_max} >= 2"
+      )
+    if not 0 < self.test_percent < 100:
+      raise ValueError(f"test_percent={self.test_percent} must be in (0, 100)")
+
+
+@dataclasses.dataclass(frozen=True)
+class CotConfig:
+  """Knobs of the verbose chain-of-thought generator (all probabilities in [0, 1])."""
+
+  recheck_prob: float = 0.55  # after each step (and each re-check), P(one more re-check)
+  max_rechecks: int = 6  # cap on re-checks per solution
+  slip_prob: float = 0.15  # P(a step is first written with a wrong result)
+  fix_prob: float = 1.0  # P(a slip is caught by "wait , that is wrong ." and fixed)
+  preamble_prob: float = 0.5  # P("okay , let me work through this step by step .")
+  conclusion_prob: float = 0.5  # P("so the final answer is N .") before </think>
+
+  def __post_init__(self):
+    for name in ("recheck_prob", "slip_prob", "fix_prob", "preamble_prob", "conclusion_prob"):
+      p = getattr(self, name)
+      if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name}={p} must be a probability in [0, 1]")
+    if self.max_rechecks < 0:
+      raise ValueError(f"max_rechecks={self.max_rechecks} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  start: int
+  ops: tuple[tuple[str, int], ...]  # (op name, operand) in order
+
+  @property
+  def text(self) -> str:
+    parts = [f"start {self.start}"] + [f"{op} {b}" for op, b in self.ops]
+    return " , ".join(parts) + " ."
+
+  @property
+  def values(self) -> list[int]:
+    """The value after each operation (the last one is the answer)."""
+    out, v = [], self.start
+    for op, b in self.ops:
+      v = apply_op(v, op, b)
+      out.append(v)
+    return out
+
+  @property
+  def answer(self) -> int:
+    return self.values[-1]
+
+  @property
+  def id(self) -> str:
+    return hashlib.sha1(self.text.encode()).hexdigest()[:12]
+
+  def is_test(self, cfg: TaskConfig) -> bool:
+    return int(hashlib.sha1(self.text.encode()).hexdigest(), 16) % 100 < cfg.test_percent
+
+
+def apply_op(v: int, op: str, b: int) -> int:
+  if op == "add":
+    return v + b
+  if op == "minus":
+    return v - b
+  if op == "times":
+    return v * b
+  raise ValueError(f"unknown op {op!r}; known: {OPS}")
+
+
+def sample_problem(rng: np.random.Generator, cfg: TaskConfig) -> Problem:
+  """One problem whose every intermediate value lies in [0, value_max]."""
+  n = int(rng.integers(cfg.min_ops, cfg.max_ops + 1))
+  v = int(rng.integers(1, cfg.start_max + 1))
+  start, ops = v, []
+  for _ in range(n):
+    legal = []
+    for b in range(1, cfg.operand_max + 1):
+      if v + b <= cfg.value_max:
+        legal.append(("add", b))
+      if v - b >= 0:
+        legal.append(("minus", b))
+    for b in range(2, cfg.times_max + 1):
+      if v * b <= cfg.value_max:
+        legal.append(("times", b))
+    # Pick the op uniformly first, then its operand, so "times" is not drowned out.
+    kinds = sorted({op for op, _ in legal})
+    kind = kinds[int(rng.integers(len(kinds)))]
+    choices = [x for x in legal if x[0] == kind]
+    op, b = choices[int(rng.integers(len(choices)))]
+    ops.append((op, b))
+    v = apply_op(v, op, b)
+  return Problem(start, tuple(ops))
+
+
+def make_splits(
+  cfg: TaskConfig, num_train: int, num_test: int, seed: int = 0
+) -> tuple[list[Problem], list[Problem]]:
+  """Distinct problems, split by text hash: (train, test), deterministic per seed."""
+  rng = np.random.default_rng(seed)
+  seen: set[str] = set()
+  train: list[Problem] = []
+  test: list[Problem] = []
+  tries = 0
+  while len(train) < num_train or len(test) < num_test:
+    tries += 1
+    if tries > 50 * (num_train + num_test) + 10_000:
+      raise ValueError(
+        f"could only draw {len(train)} train / {len(test)} test distinct problems; the "
+        f"problem space of {cfg} is too small: raise max_ops or the value ranges"
+      )
+    p = sample_problem(rng, cfg)
+    if p.text in seen:
+      continue
+    seen.add(p.text)
+    split = test if p.is_test(cfg) else train
+    if len(split) < (num_test if split is test else num_train):
+      split.append(p)
+  return train, test
+
+
+# -- solutions ---------------------------------------------------------------------------
+
+
+def _eq(a: int, op: str, b: int, c: int) -> str:
+  return f"{a} {_SYMBOL[op]} {b} = {c}"
+
+
+def _final(answer: int) -> str:
+  return f"</think> \\boxed{{{answer}}}"
+
+
+def concise_cot(p: Problem) -> str:
+  """The necessary steps only (the reference length a compressed policy can reach)."""
+  steps, v = [], p.start
+  for op, b in p.ops:
+    c = apply_op(v, op, b)
+    steps.append(_eq(v, op, b, c) + " .")
+    v = c
+  return " ".join(steps) + " " + _final(v)
+
+
+def _recheck(rng: np.random.Generator, a: int, op: str, b: int, c: int) -> str:
+  """A redundant re-check of the step a op b = c: restated, or inverted."""
+  eq = _eq(a, op, b, c)
+  if op == "add":
+    inverse = f"{c} - {b} = {a}"
+  elif op == "minus":
+    inverse = f"{c} + {b} = {a}"
+  else:
+    inverse = f"{b} * {a} = {c}"
+  templates = (
+    f"wait , let me verify : {eq} . yes , that is right .",
+    f"hmm , let me check that again . {eq} . correct .",
+    f"so {eq} , and the value is {c} .",
+    f"therefore the value is {c} .",
+    f"alternatively , {inverse} , so it checks out .",
+    f"let me double check : {eq} . yes .",
+    f"but wait , is {eq} ? yes , {c} .",
+  )
+  return templates[int(rng.integers(len(templates)))]
+
+
+def _slip(rng: np.random.Generator, c: int) -> int:
+  """A plausible wrong result for a step whose right result is c (never negative)."""
+  deltas = [d for d in (-10, -2, -1, 1, 2, 10) if c + d >= 0]
+  return c + deltas[int(rng.integers(len(deltas)))]
+
+
+def verbose_cot(p: Problem, rng: np.random.Generator, cfg: CotConfig) -> tuple[str, int]:
+  """A verbose solution and the answer it boxes (wrong only if a slip went unfixed).
+
+  After each step, re-checks are appended while U < recheck_prob (at most max_rechecks per
+  solution), so their count per step is geometric. A slip writes a wrong result; with
+  fix_prob it is immediately followed by "wait , that is wrong . <right step>", otherwise the
+  chain carries the wrong value on.
+  """
+  parts: list[str] = []
+  if rng.random() < cfg.preamble_prob:
+    parts.append("okay , let me work through this step by step .")
+  v, rechecks = p.start, 0
+  for op, b in p.ops:
+    c = apply_op(v, op, b)
+    if rng.random() < cfg.slip_prob:
+      wrong = _slip(rng, c)
+      parts.append(_eq(v, op, b, wrong) + " .")
+      if rng.random() < cfg.fix_prob:
+        parts.append(f"wait , that is wrong . {_eq(v, op, b, c)} , not {wrong} .")
+      else:
+        c = wrong
+    else:
+      parts.append(_eq(v, op, b, c) + " .")
+    while rechecks < cfg.max_rechecks and rng.random() < cfg.recheck_prob:
+      parts.append(_recheck(rng, v, op, b, c))
+      rechecks += 1
+    v = c
+  if rng.random() < cfg.conclusion_prob:
+    parts.append(f"so the final answer is {v} .")
+  parts.append(_final(v))
+  return " ".join(parts), v
+
+
+def sft_examples(
+  problems: list[Problem], cfg: CotConfig, seed: int = 0
+) -> list[tuple[Problem, str, int]]:
+  """(problem, verbose response, boxed answer) for each problem, deterministic per seed."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for p in problems:
+    text, boxed = verbose_cot(p, rng, cfg)
+    out.append((p, text, boxed))
+  return out
+
+
+def connector_words(text: str) -> int:
+  """How many whitespace-separated words of `text` are connectors (CONNECTORS)."""
+  return sum(w in CONNECTORS for w in text.split())

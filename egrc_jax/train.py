@@ -1,0 +1,203 @@
+"""The learner's state and its jitted, sharded train step.
+
+Shape letters: B rollout rows (P prompts x G samples, prompt-major), M micro-batches,
+b rows per micro-batch (B = M b), S = Tp + C full sequence length, Tp prompt length, C
+completion length, D hidden, V vocab.
+
+One call of `train_step` runs `ppo_epochs` x M gradient micro-batches over a rollout batch
+(lax.scan accumulates gradients, so peak activation memory is one micro-batch's) and one
+optimizer update per epoch. The batch's loss is sum_t w_t * l_t with aggregation weights
+w_t computed for the whole batch beforehand (`egrc_jax.losses`), which makes the
+accumulated gradient identical to the full-batch gradient for every aggregation mode.
+A non-finite loss or gradient leaves params and optimizer state untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from egrc_jax import losses
+from egrc_jax.model import Transformer
+
+
+@flax.struct.dataclass
+class TrainState:
+  params: nnx.State  # policy parameters (nnx.Param leaves)
+  opt_state: optax.OptState
+  step: jax.Array  # optimizer updates applied in the current stage
+
+
+@flax.struct.dataclass
+class Batch:
+  """One rollout batch laid out for the learner (all arrays have B rows)."""
+
+  tokens_BS: jax.Array  # prompt (left padded) then completion
+  mask_BS: jax.Array  # True on real tokens
+  positions_BS: jax.Array
+  targets_BC: jax.Array  # completion tokens (predicted from positions Tp-1 .. S-2)
+  old_logp_BC: jax.Array  # behaviour-policy logprobs at the stage temperature
+  ref_logp_BC: jax.Array  # reference logprobs (zeros when KL is off)
+  adv_BC: jax.Array  # advantages broadcast over tokens
+  weight_BC: jax.Array  # aggregation weights: batch loss = sum(weight * token loss)
+  select_BC: jax.Array  # entropy-selection factor on the PPO term (1 when off)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  lr: float
+  warmup_steps: int
+  total_steps: int
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  clip_norm: float = 1.0
+
+
+def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
+  """Linear warmup to cfg.lr, then cosine decay to lr * min_lr_ratio at total_steps."""
+  warmup = max(cfg.warmup_steps, 0)
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0 if warmup else cfg.lr,
+    peak_value=cfg.lr,
+    warmup_steps=warmup,
+    decay_steps=max(cfg.total_steps, warmup + 1),
+    end_value=cfg.lr * cfg.min_lr_ratio,
+  )
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  """AdamW on the schedule above, after global-norm gradient clipping."""
+  return optax.chain(
+    optax.clip_by_global_norm(cfg.clip_norm),
+    optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+  )
+
+
+def completion_hidden(model: Transformer, batch: Batch) -> jax.Array:
+  """Final hidden states at the positions that predict the completion tokens [B, C, D]."""
+  hidden_BSD = model(batch.tokens_BS, batch.positions_BS, batch.mask_BS, return_hidden=True)
+  C = batch.targets_BC.shape[1]
+  S = batch.tokens_BS.shape[1]
+  return hidden_BSD[:, S - C - 1 : S - 1]
+
+
+def _micro_loss(params, graphdef, mb: Batch, temperature, loss_cfg: losses.LossConfig):
+  model = nnx.merge(graphdef, params)
+  hidden = completion_hidden(model, mb)
+  logp, entropy = losses.token_logprobs_and_entropy(
+    hidden, model.lm_head_weight(), mb.targets_BC, temperature=temperature,
+    chunk_size=loss_cfg.vocab_chunk,
+  )
+  ref = mb.ref_logp_BC if loss_cfg.kl_kind is not None else None
+  tok_loss, stats = losses.token_loss(
+    logp, entropy, mb.old_logp_BC, ref, mb.adv_BC, loss_cfg, mb.select_BC
+  )
+  loss = jnp.sum(tok_loss * mb.weight_BC)
+  # Weighted sums of the per-token statistics; divided by the weight total afterwards.
+  wsum = {k: jnp.sum(stats[k] * mb.weight_BC) for k in losses.TOKEN_STAT_NAMES}
+  return loss, wsum
+
+
+def _split(batch: Batch, m: int) -> Batch:
+  return jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
+
+
+def make_train_step(
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  loss_cfg: losses.LossConfig,
+  *,
+  micro_batches: int = 1,
+  ppo_epochs: int = 1,
+  mesh: Mesh | None = None,
+  state_sharding=None,
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
+  """A jitted `step(state, batch, temperature) -> (state, metrics)`; state is donated."""
+  grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+
+  def one_update(state: TrainState, batch: Batch, temperature):
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+
+    def body(carry, mb):
+      g_acc, l_acc, s_acc = carry
+      (loss, wsum), g = grad_fn(state.params, graphdef, mb, temperature, loss_cfg)
+      g_acc = jax.tree.map(jnp.add, g_acc, g)
+      s_acc = jax.tree.map(jnp.add, s_acc, wsum)
+      return (g_acc, l_acc + loss, s_acc), None
+
+    init_stats = {k: jnp.zeros((), jnp.float32) for k in losses.TOKEN_STAT_NAMES}
+    carry = (zeros, jnp.zeros((), jnp.float32), init_stats)
+    (grads, loss, stats), _ = jax.lax.scan(body, carry, _split(batch, micro_batches))
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = TrainState(
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt, state.opt_state),
+      step=state.step + finite.astype(jnp.int32),
+    )
+    wtot = jnp.maximum(jnp.sum(batch.weight_BC), 1e-12)
+    metrics = {f"loss/{k}": v / wtot for k, v in stats.items()}
+    metrics.update(loss=loss, grad_norm=grad_norm, finite=finite)
+    return new_state, metrics
+
+  def step(state: TrainState, batch: Batch, temperature):
+    first = None
+    finite = jnp.bool_(True)
+    for _ in range(ppo_epochs):
+      state, metrics = one_update(state, batch, temperature)
+      first = metrics if first is None else first
+      finite = finite & metrics["finite"]
+    # The first epoch's statistics are the on-policy ones; `finite` covers every epoch.
+    return state, {**first, "finite": finite, "grad_norm_last": metrics["grad_norm"]}
+
+  if mesh is None:
+    return jax.jit(step, donate_argnums=(0,))
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  return jax.jit(
+    step,
+    in_shardings=(state_sharding, rows, None),
+    out_shardings=(state_sharding, None),
+    donate_argnums=(0,),
+  )
+
+
+def init_state_sharded(model: Transformer, tx, mesh: Mesh | None):
+  """(TrainState, its shardings): optimizer moments laid out like their params, the
+  optimizer's scalars (counts) and the step replicated."""
+  params = nnx.state(model, nnx.Param)
+  if mesh is None:
+    return TrainState(params, jax.jit(tx.init)(params), jnp.zeros((), jnp.int32)), None
+  rep = NamedSharding(mesh, P())
+  params_sh = jax.tree.map(lambda x: x.sharding, params)
+  opt_sh = optax.tree_map_params(
+    tx, lambda _, sh: sh, jax.eval_shape(tx.init, params), params_sh,
+    transform_non_params=lambda _: rep,
+  )
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+  shardings = TrainState(params=params_sh, opt_state=opt_sh, step=rep)
+  step = jax.device_put(jnp.zeros((), jnp.int32), rep)
+  return TrainState(params, opt_state, step), shardings
+
+
+def reference_logprobs(graphdef, ref_params, batch: Batch, temperature, vocab_chunk: int):
+  """Logprobs of the completion tokens under frozen reference params [B, C]."""
+  model = nnx.merge(graphdef, ref_params)
+  hidden = completion_hidden(model, batch)
+  logp, _ = losses.token_logprobs_and_entropy(
+    hidden, model.lm_head_weight(), batch.targets_BC, temperature=temperature,
+    chunk_size=vocab_chunk,
+  )
+  return logp

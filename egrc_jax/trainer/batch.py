@@ -1,0 +1,74 @@
+"""From a rollout and its rewards to the learner's `Batch` (host side, numpy).
+
+Shape letters: P prompts, G samples, B = P G rows, Tp prompt length, C completion length.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from egrc_jax import losses
+from egrc_jax.model import positions_from_mask
+from egrc_jax.rewards import Rewards
+from egrc_jax.sampler.rollout import Rollout
+from egrc_jax.train import Batch
+from egrc_jax.trainer.stages import Stage
+
+
+def advantages(stage: Stage, rewards: Rewards) -> tuple[np.ndarray, np.ndarray]:
+  """(advantage [P, G], sample mask [P, G]) by the stage's rule (EGRC.md)."""
+  if stage.advantage == "absolute":
+    adv, keep = losses.absolute_advantages(rewards.total_PG, stage.beta)
+  elif stage.advantage == "decomposed":
+    adv = losses.decomposed_advantages(
+      rewards.acc_PG, rewards.len_PG, stage.w_len, stage.std_normalize
+    )
+    keep = np.ones_like(rewards.total_PG, bool)
+  else:
+    adv = losses.group_relative_advantages(rewards.total_PG, stage.std_normalize)
+    keep = np.ones_like(rewards.total_PG, bool)
+  return np.asarray(adv, np.float32), np.asarray(keep, bool)
+
+
+def make_batch(
+  rollout: Rollout,
+  adv_PG: np.ndarray,
+  keep_PG: np.ndarray,
+  loss_cfg: losses.LossConfig,
+  *,
+  excluded_in_denominator: bool,
+  ref_logp_BC: np.ndarray | None = None,
+) -> Batch:
+  """The learner's batch. Old logprobs are the sampler's (sampling distribution at the
+  stage temperature), which is the behaviour policy of the PPO ratio."""
+  prompt = np.asarray(rollout.prompt_tokens_BTp)
+  pmask = np.asarray(rollout.prompt_mask_BTp)
+  comp = np.asarray(rollout.completion_tokens_BC)
+  cmask = np.asarray(rollout.completion_mask_BC)
+  tokens = np.concatenate([prompt, comp], 1)
+  mask = np.concatenate([pmask, cmask], 1)
+  keep_B = keep_PG.reshape(-1)
+  weight = losses.aggregation_weights(
+    cmask,
+    loss_cfg.agg_mode,
+    sample_mask_B=keep_B,
+    exclude_masked_from_denominator=not excluded_in_denominator,
+    max_len=loss_cfg.max_len_norm,
+  )
+  # Entropy selection uses the behaviour policy's entropy, fixed for the whole batch.
+  select = losses.selection_factor(
+    loss_cfg.entropy_select, np.asarray(rollout.entropy_BC), cmask & keep_B[:, None],
+    loss_cfg.rho, loss_cfg.high_entropy_weight,
+  )
+  adv_BC = np.broadcast_to(adv_PG.reshape(-1, 1), comp.shape).astype(np.float32)
+  return Batch(
+    tokens_BS=tokens.astype(np.int32),
+    mask_BS=mask,
+    positions_BS=np.asarray(positions_from_mask(mask)),
+    targets_BC=comp.astype(np.int32),
+    old_logp_BC=np.asarray(rollout.logprobs_BC, np.float32),
+    ref_logp_BC=np.zeros(comp.shape, np.float32) if ref_logp_BC is None else ref_logp_BC,
+    adv_BC=np.ascontiguousarray(adv_BC),
+    weight_BC=np.asarray(weight, np.float32),
+    select_BC=np.asarray(select, np.float32),
+  )

@@ -1,0 +1,240 @@
+"""The run configuration: every key declared once, with its meaning, and strict overrides.
+
+A config file in configs/ calls `base_config()`, sets what differs, and calls `finalize`
+to compute derived values. `parse_arg("a=1,b.c=x")` applies `key=value` overrides from the
+`--config=configs/<file>.py:<overrides>` suffix; an unknown key is an error.
+
+EGRC.md's [ours] choices are all fields here, so a researcher can set the paper's values.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+ARMS = (
+  "egrc",  # compress, then enhance from the compressed params [paper]
+  "compress",  # stage 1 only
+  "enhance",  # stage 2 only
+  "ee",  # entropy-entangled: one stage, R = c + w*c*f(|y|), GRPO advantages [paper Fig. 3]
+  "reverse",  # enhance, then compress [paper: ablation]
+  "grpo",  # accuracy only, GRPO advantages
+  "baseline",  # one GRPO stage on a literature reward (`baseline.reward`)
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.arm = "egrc"  # one of ARMS
+  c.seed = 0  # seeds sampling, data order and (random-init) params
+
+  # -- model --------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny"  # egrc_jax.model.PRESETS name, used when hf_path is empty
+  c.model.hf_path = ""  # HF checkpoint directory to start from (overrides preset)
+  c.model.tokenizer_path = ""  # tokenizer directory (defaults to hf_path)
+  c.model.dtype = ""  # compute dtype override: "" keeps the checkpoint's, or float32/bfloat16
+  c.model.param_dtype = ""  # parameter dtype override, as above
+
+  # -- mesh -----------------------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1  # -1: all remaining devices
+  c.mesh.tensor = 1
+
+  # -- data -----------------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.data_root = "../shared/data"  # folder holding benchmarks/ and train/
+  c.data.train_benchmark = "math_level5_train"  # named training file under data_root
+  c.data.train_source = ""  # or any JSONL/Parquet/array_record dir/"hf:<name>" source
+  c.data.train_gold_rule = "math_train"  # gold-answer rule of train_source
+  c.data.eval_benchmark = "math500"  # held-out prompts for periodic / stage-end evaluation
+  c.data.eval_source = ""
+  c.data.eval_gold_rule = "math500"
+  c.data.prompts_per_step = 8  # P: prompts per RL step (global, over all processes)
+  c.data.max_prompt_tokens = 512  # longer prompts are filtered out (and counted)
+  c.data.shuffle = True
+  c.data.on_bad_row = "error"  # error | skip
+  c.data.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
+  c.data.system_prompt = ""
+
+  # -- rollout --------------------------------------------------------------------------
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.num_samples = 8  # G: responses per prompt
+  c.rollout.max_new_tokens = 1024  # L: the length limit (length clipping at L)
+  c.rollout.top_p = 1.0
+  c.rollout.top_k = 0
+  c.rollout.prompt_buckets = (64, 128, 256, 512, 1024)
+
+  # -- grading --------------------------------------------------------------------------
+  c.grading = ml_collections.ConfigDict()
+  c.grading.mode = "math"  # math (math-verify in a process pool) | exact (integer answers, toy)
+  c.grading.workers = 2
+  c.grading.timeout_s = 5.0
+
+  # -- stage 1: compression -------------------------------------------------------------
+  c.compress = ml_collections.ConfigDict()
+  c.compress.steps = 100  # stage1_steps (fixed switching)
+  c.compress.temperature = 0.6  # T1 [ours]
+  c.compress.r = 0.5  # f(L) = r [ours]
+  c.compress.shaping = "exp"  # exp [paper] | linear (ablation)
+  c.compress.beta = 1.0  # A = beta * R [ours]
+  c.compress.advantage = "absolute"  # absolute [paper] | group (ablation)
+  c.compress.excluded_in_denominator = False  # positive-only: do excluded tokens count?
+
+  # -- stage 2: enhancement -------------------------------------------------------------
+  c.enhance = ml_collections.ConfigDict()
+  c.enhance.steps = 100  # stage2_steps
+  c.enhance.temperature = 1.0  # T2 > T1 [ours]
+  c.enhance.r = 0.5  # shaping of R_len
+  c.enhance.w_len = 0.5  # weight of the length advantage [ours]
+  c.enhance.decompose = True  # norm(R_acc) + w*norm(R_len); False: norm(R_acc + w*R_len)
+  c.enhance.std_normalize = True  # False: Dr.GRPO (no std division)
+
+  # -- one-stage arms -------------------------------------------------------------------
+  c.single = ml_collections.ConfigDict()
+  c.single.steps = 200  # steps of ee / grpo / baseline arms
+  c.single.temperature = 0.6
+  c.single.w_len = 0.5  # EE: R = c + w*c*f(|y|)
+  c.single.r = 0.5
+  c.single.reward = "thinkprune"  # baseline arm: rewards.RewardConfig name
+  c.single.l1_alpha = 0.0003  # L1-Exact / L1-Max alpha
+  c.single.az_alpha = 0.1  # Arora & Zanette alpha
+  c.single.n_target = 512  # L1 target length (tokens)
+  c.single.buffer = 256  # DAPO overlong buffer (tokens)
+
+  # -- stage switching ------------------------------------------------------------------
+  c.switch = ml_collections.ConfigDict()
+  c.switch.mode = "fixed"  # fixed | entropy
+  c.switch.window = 5  # entropy mode: steps in the smoothing window
+  c.switch.min_drop = 0.02  # switch when the relative entropy drop over a window is below
+  c.switch.min_steps = 10  # never switch before this many stage-1 steps
+
+  # -- loss -----------------------------------------------------------------------------
+  c.loss = ml_collections.ConfigDict()
+  c.loss.eps_low = 0.2
+  c.loss.eps_high = 0.2  # clip-higher when > eps_low
+  c.loss.dual_clip_c = 0.0  # 0 = off; else the dual-clip constant (> 1)
+  c.loss.kl_kind = "none"  # none | k1 | k2 | k3
+  c.loss.kl_coef = 0.0
+  c.loss.entropy_coef = 0.0
+  c.loss.agg_mode = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+  c.loss.entropy_select = "off"  # off | restrict | reweight (top-rho entropy tokens)
+  c.loss.rho = 0.2  # high-entropy quantile for selection and diagnostics
+  c.loss.vocab_chunk = 8192  # vocab chunk of the learner's logprob/entropy computation
+
+  # -- optimisation ---------------------------------------------------------------------
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-6
+  c.optim.warmup_steps = 10
+  c.optim.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.clip_norm = 1.0
+  c.optim.ppo_epochs = 1  # passes over each rollout batch
+  c.optim.micro_batch_rows = 0  # rows per gradient micro-batch; 0 = the whole batch
+  c.optim.max_bad_steps = 3  # consecutive non-finite steps before the run stops
+  c.optim.reset_between_stages = True  # fresh optimizer state and schedule per stage
+
+  # -- checkpoint / logging / eval ------------------------------------------------------
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 50  # steps; also saved at each stage end and on SIGTERM
+  c.checkpoint.keep = 2
+
+  c.log = ml_collections.ConfigDict()
+  c.log.every = 1
+  c.log.tensorboard = True
+  c.log.connectors = ("wait", "but", "so", "therefore", "alternatively", "hmm", "verify")
+
+  c.export = ml_collections.ConfigDict()
+  c.export.hf = True  # write <workdir>/hf_final (HF format + tokenizer) at the end of the run
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 0  # steps; 0 = only at the end of each stage
+  c.eval.num_prompts = 64
+  c.eval.num_samples = 1
+  c.eval.temperature = 0.6
+  c.eval.top_p = 0.95
+  return c
+
+
+def _parse_value(raw: str, old):
+  if isinstance(old, bool):
+    if raw.lower() in ("true", "1", "yes"):
+      return True
+    if raw.lower() in ("false", "0", "no"):
+      return False
+    raise ValueError(f"expected a boolean, got {raw!r}")
+  if isinstance(old, int):
+    return int(raw)
+  if isinstance(old, float):
+    return float(raw)
+  if isinstance(old, tuple):
+    # Tuples are written with "+" between items (commas separate overrides): 64+128+256.
+    items = [x for x in raw.split("+") if x]
+    kind = type(old[0]) if old else str
+    return tuple(kind(x) for x in items)
+  return raw
+
+
+def apply_overrides(config: ml_collections.ConfigDict, arg: str | None) -> None:
+  """Apply "key=value,a.b=value" (big_vision style). Unknown keys are errors."""
+  if not arg:
+    return
+  for item in arg.split(","):
+    if not item.strip():
+      continue
+    if "=" not in item:
+      raise ValueError(f"config override {item!r} is not key=value (in {arg!r})")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    parent = config
+    parts = key.split(".")
+    for p in parts[:-1]:
+      if p not in parent:
+        raise KeyError(_unknown(key, parent, p))
+      parent = parent[p]
+    name = parts[-1]
+    if name not in parent:
+      raise KeyError(_unknown(key, parent, name))
+    try:
+      parent[name] = _parse_value(raw.strip(), parent[name])
+    except ValueError as e:
+      raise ValueError(f"config override {key}={raw!r}: {e}") from None
+
+
+def _unknown(key, parent, name) -> str:
+  known = ", ".join(sorted(parent.keys()))
+  return f"unknown config key {key!r} ({name!r} is not one of: {known}); see docs/config.md"
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  if c.arm not in ARMS:
+    raise ValueError(f"arm={c.arm!r} does not exist; choose one of {ARMS}")
+  if c.rollout.num_samples < 1:
+    raise ValueError(f"rollout.num_samples={c.rollout.num_samples}: need G >= 1")
+  if c.rollout.max_new_tokens < 1:
+    raise ValueError(f"rollout.max_new_tokens={c.rollout.max_new_tokens}: need L >= 1")
+  if c.switch.mode not in ("fixed", "entropy"):
+    raise ValueError(f"switch.mode={c.switch.mode!r}: use fixed or entropy")
+  if c.grading.mode not in ("math", "exact"):
+    raise ValueError(f"grading.mode={c.grading.mode!r}: use math or exact")
+  if c.compress.advantage not in ("absolute", "group"):
+    raise ValueError(f"compress.advantage={c.compress.advantage!r}: use absolute or group")
+  if c.compress.shaping not in ("exp", "linear"):
+    raise ValueError(f"compress.shaping={c.compress.shaping!r}: use exp or linear")
+  if c.optim.micro_batch_rows:
+    rows = c.data.prompts_per_step * c.rollout.num_samples
+    if rows % c.optim.micro_batch_rows:
+      raise ValueError(
+        f"optim.micro_batch_rows={c.optim.micro_batch_rows} must divide the rollout batch "
+        f"(prompts_per_step * num_samples = {rows})"
+      )
+
+
+def finalize(c: ml_collections.ConfigDict, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Apply overrides, validate, and lock the config (no new keys after this)."""
+  apply_overrides(c, arg)
+  validate(c)
+  c.lock()
+  return c

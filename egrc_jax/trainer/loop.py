@@ -1,0 +1,320 @@
+"""The RL loop: stages of rollout -> grading -> rewards -> advantages -> update.
+
+`Trainer(config, workdir).run()` runs config.arm's stages back to back (the second from the
+first's final params), checkpoints every `checkpoint.every` steps, at every stage end and on
+SIGTERM, and resumes from the latest checkpoint in the workdir when re-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from egrc_jax import sampler
+from egrc_jax.rewards import RewardConfig, compute_rewards
+from egrc_jax.train import (
+  OptimConfig,
+  init_state_sharded,
+  lr_schedule,
+  make_optimizer,
+  make_train_step,
+  reference_logprobs,
+)
+from egrc_jax.trainer import batch as batch_lib
+from egrc_jax.trainer import diagnostics, setup
+from egrc_jax.trainer.checkpoint import Checkpointer, check_writable, json_model_config
+from egrc_jax.trainer.metrics import MetricsWriter
+from egrc_jax.trainer.stages import EntropySwitch, Stage, stages_for
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+def _seed(*parts) -> int:
+  digest = hashlib.sha256(json.dumps(parts).encode()).digest()
+  return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class Trainer:
+  def __init__(self, config, workdir: str):
+    check_writable(workdir)
+    self.config, self.workdir = config, workdir
+    c = config
+    self.mesh = setup.mesh_from_config(c)
+    self.tokenizer = setup.load_tokenizer(c)
+    self.model_cfg, self.model = setup.load_policy(c, self.mesh)
+    self.graphdef = nnx.graphdef(self.model)
+    self.loss_cfg = setup.loss_config(c)
+    self.use_ref = self.loss_cfg.kl_kind is not None
+    # The frozen reference: the run's starting params (a copy: the policy's are donated).
+    self.ref_params = (
+      jax.tree.map(jnp.copy, nnx.state(self.model, nnx.Param)) if self.use_ref else None
+    )
+    self.stages = stages_for(c)
+    self.train_data = setup.train_prompts(c, self.tokenizer)
+    self.eval_data = setup.eval_prompts(c, self.tokenizer)
+    self.grader = setup.make_grader(c)
+    self.connector_ids = diagnostics.connector_token_ids(self.tokenizer, c.log.connectors)
+    self.ckpt = Checkpointer(workdir, c.checkpoint.keep)
+    total = sum(s.steps for s in self.stages)
+    self.writer = MetricsWriter(workdir, total, c.log.tensorboard)
+    self._stop = False
+
+  # -- helpers ------------------------------------------------------------------------
+  def sampling_config(self, temperature: float, top_p: float | None = None,
+                      max_new_tokens: int | None = None) -> sampler.SamplingConfig:
+    c = self.config
+    return sampler.SamplingConfig(
+      temperature=temperature,
+      top_p=c.rollout.top_p if top_p is None else top_p,
+      top_k=c.rollout.top_k,
+      max_new_tokens=max_new_tokens or c.rollout.max_new_tokens,
+      stop_token_ids=setup.stop_ids(self.tokenizer, self.model_cfg),
+      pad_id=setup.pad_id(self.tokenizer),
+      prompt_buckets=tuple(c.rollout.prompt_buckets),
+    )
+
+  def _optimizer(self, stage: Stage):
+    o = self.config.optim
+    return make_optimizer(
+      OptimConfig(lr=o.lr, warmup_steps=o.warmup_steps, total_steps=stage.steps,
+                  min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
+                  clip_norm=o.clip_norm)
+    )
+
+  def _on_sigterm(self, signum, frame):
+    log.warning("SIGTERM received: finishing this step, saving a checkpoint, exiting")
+    self._stop = True
+
+  # -- one RL step --------------------------------------------------------------------
+  def rl_step(self, stage: Stage, state, train_step, global_step: int):
+    c = self.config
+    G, L = c.rollout.num_samples, c.rollout.max_new_tokens
+    t0 = time.time()
+    examples = self.train_data.next_batch()
+    prompts = [e["prompt_ids"] for e in examples]
+    golds = [e["gold"] for e in examples]
+    nnx.update(self.model, state.params)
+    scfg = self.sampling_config(stage.temperature)
+    rollout = sampler.generate(
+      self.model, prompts, scfg, num_samples=G, seed=_seed(c.seed, global_step), mesh=self.mesh
+    )
+    rollout = jax.device_get(rollout)
+    t1 = time.time()
+    texts = sampler.decode_texts(rollout, self.tokenizer)
+    correct = np.asarray(self.grader.grade(texts, [g for g in golds for _ in range(G)]), bool)
+    t2 = time.time()
+    P = len(prompts)
+    lengths_PG = np.asarray(rollout.lengths_B).reshape(P, G)
+    trunc_PG = np.asarray(rollout.truncated_B).reshape(P, G)
+    rcfg = RewardConfig(name=stage.reward, max_len=L, **stage.kwargs())
+    rewards = compute_rewards(rcfg, correct.reshape(P, G), lengths_PG, trunc_PG)
+    adv_PG, keep_PG = batch_lib.advantages(stage, rewards)
+    batch = batch_lib.make_batch(
+      rollout, adv_PG, keep_PG, self.loss_cfg,
+      excluded_in_denominator=stage.excluded_in_denominator,
+    )
+    ref_time = 0.0
+    if self.use_ref:
+      tr = time.time()
+      ref = self._ref_logp(batch, stage.temperature)
+      batch = dataclasses.replace(batch, ref_logp_BC=np.asarray(ref))
+      ref_time = time.time() - tr
+    t3 = time.time()
+    state, m = train_step(state, batch, jnp.float32(stage.temperature))
+    m = jax.device_get(m)
+    t4 = time.time()
+    metrics = {k: float(v) for k, v in m.items()}
+    metrics.update(rewards.metrics())
+    metrics.update(diagnostics.rollout_metrics(rollout, correct, self.connector_ids,
+                                               self.loss_cfg.rho))
+    metrics.update(
+      {
+        "stage": stage.name,
+        "temperature": stage.temperature,
+        "advantage/mean": float(adv_PG.mean()),
+        "advantage/kept_share": float(keep_PG.mean()),
+        "time/rollout": t1 - t0,
+        "time/grading": t2 - t1,
+        "time/reference": ref_time,
+        "time/update": t4 - t3,
+        "time/step": t4 - t0,
+        "throughput/rollout_tokens_per_s": float(np.sum(rollout.lengths_B)) / max(t1 - t0, 1e-9),
+      }
+    )
+    return state, metrics
+
+  def _ref_logp(self, batch, temperature):
+    if not hasattr(self, "_ref_fn"):
+      self._ref_fn = jax.jit(reference_logprobs, static_argnums=(0, 4))
+    return self._ref_fn(self.graphdef, self.ref_params, batch, temperature,
+                        self.loss_cfg.vocab_chunk)
+
+  # -- evaluation ---------------------------------------------------------------------
+  def evaluate(self, params, tag: str) -> dict:
+    c = self.config
+    if self.eval_data is None or c.eval.num_prompts <= 0:
+      return {}
+    nnx.update(self.model, params)
+    examples = self.eval_data.all()[: c.eval.num_prompts]
+    n = c.eval.num_samples
+    scfg = self.sampling_config(c.eval.temperature, top_p=c.eval.top_p)
+    rollout = jax.device_get(sampler.generate(
+      self.model, [e["prompt_ids"] for e in examples], scfg, num_samples=n,
+      seed=_seed(c.seed, "eval"), mesh=self.mesh,
+    ))
+    texts = sampler.decode_texts(rollout, self.tokenizer)
+    correct = np.asarray(self.grader.grade(texts, [e["gold"] for e in examples for _ in range(n)]))
+    lengths = np.asarray(rollout.lengths_B)
+    out = {
+      f"eval/{tag}/accuracy": float(correct.mean()),
+      f"eval/{tag}/length": float(lengths.mean()),
+      f"eval/{tag}/truncated": float(np.asarray(rollout.truncated_B).mean()),
+    }
+    return out
+
+  # -- the run ------------------------------------------------------------------------
+  def _meta(self, global_step, stage_index, stage_step, switch, extra=None) -> dict:
+    return {
+      "global_step": global_step,
+      "stage_index": stage_index,
+      "stage_step": stage_step,
+      "stage_names": [s.name for s in self.stages],
+      "data_state": self.train_data.get_state(),
+      "switch_state": switch.state() if switch else None,
+      "model_config": json_model_config(self.model_cfg),
+      "switch_steps": list(self.switch_steps),
+      **(extra or {}),
+    }
+
+  def run(self) -> dict:
+    c = self.config
+    previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    try:
+      return self._run()
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+      self.grader.close()
+      self.ckpt.close()
+      self.writer.close()
+      del c
+
+  def _run(self) -> dict:
+    c = self.config
+    global_step, stage_index, stage_step = 0, 0, 0
+    self.switch_steps: list[int] = []
+    switch_state = None
+    restored_state = None
+    latest = self.ckpt.latest_step()
+    if latest is not None:
+      meta = self.ckpt.restore_meta(latest)
+      if meta.get("stage_names") != [s.name for s in self.stages]:
+        raise RuntimeError(
+          f"the checkpoint in {self.workdir} belongs to a run with stages "
+          f"{meta.get('stage_names')}, not {[s.name for s in self.stages]}; use a fresh workdir"
+        )
+      global_step, stage_index, stage_step = (
+        meta["global_step"], meta["stage_index"], meta["stage_step"]
+      )
+      self.switch_steps = list(meta.get("switch_steps", []))
+      switch_state = meta.get("switch_state")
+      self.train_data.set_state(meta["data_state"])
+      restored_state = latest
+      self.writer.event(global_step, "resumed", checkpoint=latest, stage_index=stage_index)
+
+    results = {"switch_steps": self.switch_steps}
+    bad_steps = 0
+    while stage_index < len(self.stages):
+      stage = self.stages[stage_index]
+      tx = self._optimizer(stage)
+      state, state_sh = init_state_sharded(self.model, tx, self.mesh)
+      if restored_state is not None:
+        state, _ = self.ckpt.restore(restored_state, state, self.model_cfg)
+        restored_state = None
+        if stage_step == 0:  # saved at a stage boundary: fresh optimizer for the new stage
+          nnx.update(self.model, state.params)
+          state, state_sh = init_state_sharded(self.model, tx, self.mesh)
+      micro = (c.data.prompts_per_step * c.rollout.num_samples) // (
+        c.optim.micro_batch_rows or c.data.prompts_per_step * c.rollout.num_samples
+      )
+      train_step = make_train_step(
+        self.graphdef, tx, self.loss_cfg, micro_batches=micro, ppo_epochs=c.optim.ppo_epochs,
+        mesh=self.mesh, state_sharding=state_sh,
+      )
+      switch = None
+      if stage.name == "compress" and stage_index < len(self.stages) - 1 and (
+        c.switch.mode == "entropy"
+      ):
+        switch = EntropySwitch.from_state(c.switch.window, c.switch.min_drop, c.switch.min_steps,
+                                          switch_state)
+      if stage_step == 0:
+        self.writer.event(global_step, f"stage {stage.name} begins", temperature=stage.temperature,
+                          reward=stage.reward, advantage=stage.advantage)
+      end_stage = stage_step >= stage.steps
+      while not end_stage:
+        state, metrics = self.rl_step(stage, state, train_step, global_step)
+        global_step += 1
+        stage_step += 1
+        if not metrics["finite"]:
+          bad_steps += 1
+          self.writer.event(global_step, "non-finite loss or gradient: update skipped",
+                            consecutive=bad_steps)
+          if bad_steps >= c.optim.max_bad_steps:
+            raise NonFiniteError(
+              f"{bad_steps} consecutive non-finite updates (last at step {global_step}); params "
+              "were left untouched. Lower optim.lr or check the rewards; the last checkpoint "
+              "is intact"
+            )
+        else:
+          bad_steps = 0
+        metrics["optim/lr"] = float(self._optimizer_lr(stage, int(state.step)))
+        end_stage = stage_step >= stage.steps
+        if switch is not None and switch.update(metrics["entropy/mean"]) and not end_stage:
+          end_stage = True
+          self.switch_steps.append(global_step)
+          self.writer.event(global_step, "entropy stopped descending: switching stage",
+                            stage_step=stage_step)
+        if c.eval.every and global_step % c.eval.every == 0:
+          metrics.update(self.evaluate(state.params, "periodic"))
+        self.writer.write(global_step, metrics)
+        if end_stage:
+          break
+        if self._stop or (c.checkpoint.every and global_step % c.checkpoint.every == 0):
+          self.ckpt.save(global_step, state,
+                         self._meta(global_step, stage_index, stage_step, switch))
+          if self._stop:
+            self.writer.event(global_step, "SIGTERM: checkpoint saved, exiting")
+            return {"preempted": True, "global_step": global_step}
+      # Stage end: evaluate, then checkpoint as the start of the next stage.
+      if stage_index < len(self.stages) - 1 and global_step not in self.switch_steps:
+        self.switch_steps.append(global_step)
+      ev = self.evaluate(state.params, stage.name)
+      if ev:
+        self.writer.write(global_step, {**ev, "stage": stage.name})
+      results[f"stage_{stage_index}_{stage.name}"] = {"end_step": global_step, **ev}
+      stage_index, stage_step = stage_index + 1, 0
+      self.ckpt.save(global_step, state, self._meta(global_step, stage_index, 0, None))
+      nnx.update(self.model, state.params)
+      if self._stop:
+        return {"preempted": True, "global_step": global_step}
+    results["global_step"] = global_step
+    self.writer.event(global_step, "run finished", switch_steps=self.switch_steps)
+    return results
+
+  def _optimizer_lr(self, stage: Stage, step: int) -> float:
+    o = self.config.optim
+    return lr_schedule(OptimConfig(lr=o.lr, warmup_steps=o.warmup_steps,
+                                   total_steps=stage.steps, min_lr_ratio=o.min_lr_ratio))(step)
+

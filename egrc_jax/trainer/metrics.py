@@ -1,0 +1,84 @@
+"""Metrics sinks: JSONL file, TensorBoard, and a one-line console progress report.
+
+Only process 0 writes (multi-host runs reduce metrics to global values before this).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+
+_CONSOLE_KEYS = (
+  ("stage", "{}"),
+  ("reward/total", "R={:.3f}"),
+  ("accuracy", "acc={:.3f}"),
+  ("length/mean", "len={:.1f}"),
+  ("entropy/mean", "H={:.3f}"),
+  ("loss", "loss={:.4f}"),
+  ("grad_norm", "|g|={:.3f}"),
+  ("time/step", "{:.2f}s/step"),
+)
+
+
+class MetricsWriter:
+  def __init__(self, workdir: str, total_steps: int, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.total = max(total_steps, 1)
+    self.t0 = time.time()
+    self._tb = None
+    self._jsonl = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    clean = {k: _plain(v) for k, v in metrics.items()}
+    self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in clean.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          self._tb.add_scalar(k, v, step)
+    self._console(step, clean)
+
+  def _console(self, step: int, m: dict) -> None:
+    done = min(step / self.total, 1.0)
+    bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
+    parts = [fmt.format(m[k]) for k, fmt in _CONSOLE_KEYS if k in m and m[k] is not None]
+    eta = (time.time() - self.t0) / max(done, 1e-9) * (1 - done) if done > 0 else 0
+    print(f"[{bar}] {step}/{self.total} " + " ".join(parts) + f" eta {eta:.0f}s", flush=True,
+          file=sys.stdout)
+
+  def event(self, step: int, message: str, **fields) -> None:
+    """A non-metric event (stage switch, skipped update, checkpoint) in the log and console."""
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"step": step, "event": message, **fields}) + "\n")
+    self._jsonl.flush()
+    print(f"== step {step}: {message} {fields if fields else ''}", flush=True)
+
+  def close(self):
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _plain(v):
+  if hasattr(v, "item"):
+    v = v.item()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)
+  return v
