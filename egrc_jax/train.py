@@ -15,6 +15,7 @@ A non-finite loss or gradient leaves params and optimizer state untouched.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import flax.struct
@@ -63,23 +64,29 @@ class OptimConfig:
   clip_norm: float = 1.0
 
 
-def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
-  """Linear warmup to cfg.lr, then cosine decay to lr * min_lr_ratio at total_steps."""
-  warmup = max(cfg.warmup_steps, 0)
-  return optax.warmup_cosine_decay_schedule(
-    init_value=0.0 if warmup else cfg.lr,
-    peak_value=cfg.lr,
-    warmup_steps=warmup,
-    decay_steps=max(cfg.total_steps, warmup + 1),
-    end_value=cfg.lr * cfg.min_lr_ratio,
-  )
+def lr_schedule(cfg: OptimConfig) -> Callable[[int], float]:
+  """lr_t = lr (t+1)/W for t < W (linear warmup that never applies lr 0), then cosine from
+  lr to lr * min_lr_ratio over the remaining total_steps - W steps."""
+
+  def lr_at(step: int) -> float:
+    warmup = max(cfg.warmup_steps, 0)
+    if step < warmup:
+      return cfg.lr * (step + 1) / warmup
+    progress = min(max((step - warmup) / max(cfg.total_steps - warmup, 1), 0.0), 1.0)
+    ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * ratio
+
+  return lr_at
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  """AdamW on the schedule above, after global-norm gradient clipping."""
+  """AdamW without its learning rate: clip by global norm, Adam moments, decoupled weight
+  decay. The train step multiplies by -lr itself, with lr given per call from
+  `lr_schedule`; so one compiled step serves every stage, whatever its schedule."""
   return optax.chain(
     optax.clip_by_global_norm(cfg.clip_norm),
-    optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+    optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2),
+    optax.add_decayed_weights(cfg.weight_decay),
   )
 
 
@@ -121,11 +128,11 @@ def make_train_step(
   ppo_epochs: int = 1,
   mesh: Mesh | None = None,
   state_sharding=None,
-) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
-  """A jitted `step(state, batch, temperature) -> (state, metrics)`; state is donated."""
+) -> Callable[..., tuple[TrainState, dict]]:
+  """A jitted `step(state, batch, temperature, lr) -> (state, metrics)`; state is donated."""
   grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
-  def one_update(state: TrainState, batch: Batch, temperature):
+  def one_update(state: TrainState, batch: Batch, temperature, lr):
     zeros = jax.tree.map(jnp.zeros_like, state.params)
 
     def body(carry, mb):
@@ -141,6 +148,7 @@ def make_train_step(
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: -lr * u, updates)
     new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = TrainState(
@@ -153,11 +161,11 @@ def make_train_step(
     metrics.update(loss=loss, grad_norm=grad_norm, finite=finite)
     return new_state, metrics
 
-  def step(state: TrainState, batch: Batch, temperature):
+  def step(state: TrainState, batch: Batch, temperature, lr):
     first = None
     finite = jnp.bool_(True)
     for _ in range(ppo_epochs):
-      state, metrics = one_update(state, batch, temperature)
+      state, metrics = one_update(state, batch, temperature, lr)
       first = metrics if first is None else first
       finite = finite & metrics["finite"]
     # The first epoch's statistics are the on-policy ones; `finite` covers every epoch.
@@ -168,7 +176,7 @@ def make_train_step(
   rows = NamedSharding(mesh, P(("data", "fsdp")))
   return jax.jit(
     step,
-    in_shardings=(state_sharding, rows, None),
+    in_shardings=(state_sharding, rows, None, None),
     out_shardings=(state_sharding, None),
     donate_argnums=(0,),
   )

@@ -18,7 +18,9 @@ VENV="${EGRC_VENV:-$HOME/egrc_venv}"
 PY="${EGRC_PYTHON:-python3.11}"
 POLL_S="${EGRC_POLL_S:-5}"
 
-usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() {  # the header comment, without its '# '
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
+}
 die() { echo "remote.sh: $*" >&2; exit 2; }
 
 run_dir() {

@@ -30,6 +30,7 @@
 #   --loop             resume until success; --max-attempts N [50], --retry-wait S [120]
 #   --retry-failures   with --loop, also retry failures on a healthy (READY) slice
 #   --dry-run          print every command (gcloud, tar) instead of running it
+#   local logs go to $TPU_LOG_DIR/NAME/RUN [default runs/tpu in the repo]
 #   -h, --help
 # example: launch/tpu.sh run --zone=us-central2-b --type=v4-32 \
 #            --config=configs/egrc.py:model=r1_distill_1p5b --workdir=gs://my-bucket/egrc/r1
@@ -43,9 +44,11 @@ REMOTE_SH="bash egrc_jax/launch/remote.sh"
 NAME="${TPU_NAME:-egrc}" ZONE="${TPU_ZONE:-}" PROJECT="${TPU_PROJECT:-}" TYPE="${TPU_TYPE:-v4-32}"
 VERSION="" CAPACITY="" QUEUED=0 WORKERS="" GIT="" REF="" DATA="" CONFIG="" WORKDIR="" RUN_ID=""
 LOOP=0 MAX_ATTEMPTS=50 RETRY_WAIT=120 RETRY_FAILURES=0 DRY_RUN=0 CREATED=0
-EXTRA=()
+EXTRA=() ARGS=()
 
-usage() { sed -n '2,37p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() {  # the header comment, without its '# '
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
+}
 die() { echo "tpu.sh: $*" >&2; exit 2; }
 
 show() {  # print a command, quoting only the words that need it
@@ -214,7 +217,7 @@ job_command() {  # the trainer command line, quoted for the worker's shell
 
 cmd_logs() {
   need_job_flags
-  local dir="$REPO/runs/tpu/$NAME/$RUN_ID" i status=0 pids=() tail_pid=""
+  local dir="${TPU_LOG_DIR:-$REPO/runs/tpu}/$NAME/$RUN_ID" i status=0 pids=() tail_pid=""
   do_cmd mkdir -p "$dir"
   for (( i = 0; i < WORKERS; i++ )); do
     if (( DRY_RUN )); then
@@ -258,17 +261,20 @@ cmd_delete() {
   fi
 }
 
+cmd_attempt() {  # one resume attempt, in its own process so that set -e holds throughout
+  cmd_create
+  if (( CREATED )); then cmd_setup; fi
+  cmd_run
+}
+
 cmd_resume() {
   need_job_flags
   if (( ! LOOP )); then cmd_run; return; fi
   local attempt rc state
   for (( attempt = 1; attempt <= MAX_ATTEMPTS; attempt++ )); do
     echo "=== attempt $attempt/$MAX_ATTEMPTS of run $RUN_ID on $NAME"
-    CREATED=0
-    cmd_create
-    if (( CREATED )); then cmd_setup; fi
     rc=0
-    cmd_run || rc=$?
+    bash "${BASH_SOURCE[0]}" _attempt "${ARGS[@]}" || rc=$?
     if (( DRY_RUN )); then
       echo "(dry run: one attempt shown; after a failure the loop checks the slice and, when it"
       echo " is not READY, deletes it and starts the next attempt from create + setup):"
@@ -280,7 +286,7 @@ cmd_resume() {
     state="$(tpu_state)"
     if [[ "$state" != READY ]]; then
       echo "slice $NAME is $state (preempted or gone): recreating, then resuming" >&2
-      if [[ "$state" != MISSING ]]; then cmd_delete; fi
+      if [[ "$state" != MISSING ]]; then cmd_delete || true; fi
     elif (( ! RETRY_FAILURES )); then
       die "run $RUN_ID failed (exit $rc) on a READY slice: not a preemption; fix and resume"
     fi
@@ -301,8 +307,10 @@ main() {
     -h|--help|help|"") usage; exit 0 ;;
   esac
   shift
+  ARGS=("$@")
   parse_flags "$@"
   case "$sub" in
+    _attempt) need_job_flags; cmd_attempt ;;
     create) cmd_create ;;
     setup) cmd_setup ;;
     run) cmd_run ;;

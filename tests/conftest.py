@@ -20,3 +20,11 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"benchmark data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+# Identical computations (every arm's train step, every test's sampler) compile once per
+# test session: XLA's persistent cache works on CPU and is keyed by the HLO.
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ.get("EGRC_JAX_CACHE", "/tmp/egrc_jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -188,6 +188,59 @@ def test_tpu_delete_and_errors():
     assert r.returncode == 2 and message in r.stdout, (args, r.stdout)
 
 
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+# Stands in for gcloud: records each call; the slice is READY after create, and every log
+# follower of the first slice fails as if the slice had been preempted under it.
+echo "$*" >> "$FAKE/calls"
+case "$*" in
+  *"tpu-vm describe"*) [[ -f "$FAKE/state" ]] || exit 1; cat "$FAKE/state" ;;
+  *"tpu-vm create"*) echo READY > "$FAKE/state"; echo x >> "$FAKE/creates" ;;
+  *"tpu-vm delete"*) rm -f "$FAKE/state" ;;
+  *"remote.sh follow"*)
+    if [[ "$(wc -l < "$FAKE/creates")" -eq 1 ]]; then echo PREEMPTED > "$FAKE/state"; exit 255; fi
+    echo "step 100 done" ;;
+esac
+"""
+
+
+def test_tpu_resume_loop_recreates_after_preemption(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+  (bin_dir / "gcloud").chmod(0o755)
+  env = {
+    "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    "FAKE": str(tmp_path),
+    "TPU_LOG_DIR": str(tmp_path / "logs"),
+  }
+  r = sh(
+    LAUNCH / "tpu.sh",
+    "resume",
+    "--loop",
+    "--spot",
+    "--zone=us-central2-b",
+    "--data=none",
+    "--retry-wait=0",
+    *JOB,
+    env=env,
+    timeout=60,
+  )
+  assert r.returncode == 0, r.stdout
+  assert "slice egrc is PREEMPTED (preempted or gone): recreating" in r.stdout
+  assert "run r1 finished" in r.stdout
+  calls = (tmp_path / "calls").read_text().splitlines()
+  kinds = [c.split()[3] if c.startswith("compute tpus tpu-vm") else c for c in calls]
+  creates = [i for i, c in enumerate(calls) if c.startswith("compute tpus tpu-vm create")]
+  deletes = [i for i, c in enumerate(calls) if c.startswith("compute tpus tpu-vm delete")]
+  assert len(creates) == 2 and len(deletes) == 1 and creates[0] < deletes[0] < creates[1], kinds
+  assert all("--spot" in calls[i] for i in creates)
+  starts = [c for c in calls if "remote.sh start r1" in c]
+  assert len(starts) == 2 and all("--worker=all" in c for c in starts)
+  logs = sorted((tmp_path / "logs" / "egrc" / "r1").glob("worker-*.log"))
+  assert [p.name for p in logs] == [f"worker-{i}.log" for i in range(4)]
+  assert all("step 100 done" in p.read_text() for p in logs)
+
+
 # -- remote.sh, for real -------------------------------------------------------------------
 
 

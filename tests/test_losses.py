@@ -376,8 +376,12 @@ def batch():
   return dict(logp=logp, old=old, ref=ref, ent=ent, adv=adv, mask=mask)
 
 
+# One compilation per config instead of one per primitive (eager), to keep the file fast.
+_policy_loss = jax.jit(L.policy_loss, static_argnums=5)
+
+
 def _loss(b, cfg, **kw):
-  return L.policy_loss(
+  return _policy_loss(
     b["logp"], b["ent"], b["old"], b["adv"], b["mask"], cfg, ref_logp_BT=b["ref"], **kw
   )
 

@@ -47,9 +47,15 @@ def _ones_param(shape, names, dtype):
 class KVCache:
   """Keys and values of every layer, plus which slots hold real tokens.
 
-  k, v: tuples of L arrays [B, S, K, H]; valid_BS: bool [B, S]; index: int32 scalar, the
-  next slot to write (all rows write in lock step; left padding keeps rows aligned).
+  k: tuple of L arrays [B, K, H, S] (keys stored slot-minor, so a decode step's q.k sums over
+  a major axis and vectorises over the slots: 2x faster on CPU than [B, S, K, H]);
+  v: tuple of L arrays [B, S, K, H]; valid_BS: bool [B, S]; index: int32 scalar, the next
+  slot to write (all rows write in lock step; left padding keeps rows aligned).
   """
+
+  # Logical axis names of each k / v array (for sharding constraints).
+  K_NAMES = ("batch", "kv_heads", "head_dim", "cache_length")
+  V_NAMES = ("batch", "cache_length", "kv_heads", "head_dim")
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
@@ -59,10 +65,11 @@ class KVCache:
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, size: int, dtype=None) -> KVCache:
     dtype = dtype or cfg.jnp_dtype
-    shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
+    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, size)
+    v_shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
     return cls(
-      k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-      v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+      k=tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)),
+      v=tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)),
       valid_BS=jnp.zeros((batch, size), bool),
       index=jnp.zeros((), jnp.int32),
     )
@@ -81,6 +88,14 @@ class KVCache:
 
   def nbytes(self) -> int:
     return sum(x.size * x.dtype.itemsize for x in (*self.k, *self.v))
+
+  def constrain(self) -> KVCache:
+    """The same cache with logical sharding constraints (batch over data x fsdp, kv heads
+    over tensor) under the current mesh; a no-op outside any mesh."""
+    return self.replace(
+      k=tuple(shard(k, self.K_NAMES) for k in self.k),
+      v=tuple(shard(v, self.V_NAMES) for v in self.v),
+    )
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
@@ -170,7 +185,47 @@ class Attention(nnx.Module):
     logits = jnp.where(allowed_BTS[:, None, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH).reshape(B, T, N, H)
-    out = jnp.einsum("btnh,nhd->btd", out, self.o_NHD[...].astype(cfg.jnp_dtype))
+    return self.out_proj(out)
+
+  def attend_cache(self, q_BTNH, k_BKHS, v_BSKH, allowed_BTS):
+    """`attend` over the cache layout (keys [B, K, H, S]). A one-token step (T = 1) uses
+    fused multiply-reduce forms: XLA's CPU dot would transpose the whole cache every step."""
+    cfg = self.cfg
+    B, T, N, H = q_BTNH.shape
+    K = cfg.num_kv_heads
+    if T > 1:
+      q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+      logits = jnp.einsum(
+        "btkgh,bkhs->bkgts", q_BTKGH, k_BKHS, preferred_element_type=jnp.float32
+      )
+      logits = jnp.where(allowed_BTS[:, None, None], logits * (H**-0.5), _NEG_INF)
+      probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
+      out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH).reshape(B, T, N, H)
+      return self.out_proj(out)
+    q_BKGH = q_BTNH.reshape(B, K, N // K, H)
+    logits_BKGS = jnp.einsum(
+      "bkgh,bkhs->bkgs", q_BKGH, k_BKHS, preferred_element_type=jnp.float32
+    )
+    allowed_B11S = allowed_BTS[:, :, None, :]
+    logits_BKGS = jnp.where(allowed_B11S, logits_BKGS * (H**-0.5), _NEG_INF)
+    probs_BSKG = jax.nn.softmax(logits_BKGS, axis=-1).transpose(0, 3, 1, 2)
+    # Sum over slots (a major axis of v) vectorises over H; the f32 accumulation is fused,
+    # so a bf16 cache is never upcast as a whole.
+    out_BKGH = jnp.sum(
+      probs_BSKG[..., None].astype(v_BSKH.dtype) * v_BSKH[:, :, :, None, :],
+      axis=1,
+      dtype=jnp.float32,
+    )
+    # Contract over N*H as one axis: an "nh" pair makes XLA transpose o_NHD every step.
+    o_FD = self.o_NHD[...].astype(cfg.jnp_dtype).reshape(N * H, cfg.hidden_size)
+    out_BD = out_BKGH.reshape(B, N * H).astype(q_BTNH.dtype) @ o_FD
+    if cfg.o_bias:
+      out_BD = out_BD + self.o_bias_D[...].astype(cfg.jnp_dtype)
+    return out_BD[:, None]
+
+  def out_proj(self, out_BTNH):
+    cfg = self.cfg
+    out = jnp.einsum("btnh,nhd->btd", out_BTNH, self.o_NHD[...].astype(cfg.jnp_dtype))
     if cfg.o_bias:
       out = out + self.o_bias_D[...].astype(cfg.jnp_dtype)
     return out
@@ -201,14 +256,17 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None):
-    """kv: optional (k_BSKH, v_BSKH) cache of this layer; returns (x, (k, v))."""
+    """kv: optional (k_BKHS, v_BSKH) cache of this layer; returns (x, (k, v))."""
     q, k, v = self.attn.project(self.attn_norm(x_BTD), positions_BT, inv_freq)
-    if kv is not None:
-      k_cache, v_cache = kv
+    if kv is None:
+      x_BTD = x_BTD + self.attn.attend(q, k, v, allowed_BTS)
+    else:
+      k_cache, v_cache = kv  # [B, K, H, S], [B, S, K, H]
       zero = jnp.zeros((), jnp.int32)
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, index, zero, zero))
+      k_BKHT = k.astype(k_cache.dtype).transpose(0, 2, 3, 1)
+      k = jax.lax.dynamic_update_slice(k_cache, k_BKHT, (zero, zero, zero, index))
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, index, zero, zero))
-    x_BTD = x_BTD + self.attn.attend(q, k.astype(q.dtype), v.astype(q.dtype), allowed_BTS)
+      x_BTD = x_BTD + self.attn.attend_cache(q, k, v, allowed_BTS)
     x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
     return shard(x_BTD, ("batch", "length", "embed")), (k, v)
 

@@ -225,8 +225,8 @@ def plan_memory(
     f"master copy: {'kept' if master else 'none'} (master_dtype={s.master_dtype},"
     f" param_dtype={s.param_dtype}); optimizer {s.optimizer} with {moments} moment(s)"
     f" in {s.opt_state_dtype}, sharded like the params",
-    "gradients: one f32 accumulator over micro-batches plus one micro-batch's grads in"
-    " param dtype; the update is donated in place (no second copy of the state)",
+    f"gradients: one {s.grad_dtype} accumulator over micro-batches plus one micro-batch's"
+    " grads in param dtype; the update is donated in place (no second copy of the state)",
     "rollout and learner phases never overlap (KV cache freed before the train step)",
     f"activation formulas are estimates (XLA fusion changes them by tens of percent);"
     f" attention={s.attention}: dense holds f32 scores + probs [N/t_h, T, S] per block",

@@ -1,34 +1,24 @@
-"""Saving and loading the SFT model with its tokenizer.
+"""Saving and loading the SFT model with its tokenizer, as a Hugging Face directory.
 
-Layout of DIR: config.json (our ModelConfig fields), params/ (an orbax checkpoint of the
-nnx parameter state) and tokenizer/ (a copy of the tokenizer files).
+DIR holds config.json, model.safetensors, generation_config.json and the tokenizer files
+(written by `egrc_jax.hf.export_model`), so the toy policy loads like a real one: through
+`egrc_jax.hf.load_model(DIR)` and `AutoTokenizer.from_pretrained(DIR)` (and, for a check,
+`transformers.AutoModelForCausalLM.from_pretrained(DIR)`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import pathlib
-import shutil
 
-import jax
-import orbax.checkpoint as ocp
-from flax import nnx
-
-from egrc_jax.model import ModelConfig, Transformer
-from egrc_jax.sharding import abstract_model
+from egrc_jax.hf import export_model, load_model
+from egrc_jax.model import Transformer
 
 
 def save_sft(model: Transformer, tokenizer_dir, out_dir) -> pathlib.Path:
-  out = pathlib.Path(out_dir).absolute()
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "config.json").write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2) + "\n")
-  if (out / "params").exists():
-    shutil.rmtree(out / "params")
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(out / "params", nnx.state(model))
-  if pathlib.Path(tokenizer_dir).absolute() != out / "tokenizer":
-    shutil.copytree(tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
+  """Writes the model (float32) and a copy of the tokenizer files to out_dir (replacing a
+  model already there)."""
+  out = pathlib.Path(out_dir)
+  export_model(model, out, tokenizer_dir=tokenizer_dir, dtype="float32", overwrite=True)
   return out
 
 
@@ -36,15 +26,5 @@ def load_sft(path) -> tuple[Transformer, object]:
   """(model, tokenizer) from a directory written by save_sft."""
   from transformers import AutoTokenizer
 
-  path = pathlib.Path(path).absolute()
-  fields = json.loads((path / "config.json").read_text())
-  fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
-  cfg = ModelConfig(**fields)
-  graphdef, abstract_state = abstract_model(cfg)
-  target = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state,
-  )
-  with ocp.StandardCheckpointer() as ckpt:
-    state = ckpt.restore(path / "params", target)
-  tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
-  return nnx.merge(graphdef, state), tokenizer
+  _, model = load_model(path)
+  return model, AutoTokenizer.from_pretrained(str(path))

@@ -43,7 +43,9 @@ def main(argv=None) -> None:
   parser.add_argument("--num_test", type=int, default=500)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  train, test = task_lib.make_splits(task_lib.TaskConfig(), args.num_train, args.num_test, args.seed)
+  train, test = task_lib.make_splits(
+    task_lib.TaskConfig(), args.num_train, args.num_test, args.seed
+  )
   paths = write_splits(args.out, train, test)
   for split, path in paths.items():
     print(f"{split}: {path} ({len(train if split == 'train' else test)} problems)")

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from egrc_jax.data.gold import last_boxed_content
+from egrc_jax.sampler import SamplingConfig, completion_lists, generate
 from egrc_jax.toy import task as task_lib
 from egrc_jax.toy import tokenizer as tok_lib
-from egrc_jax.toy.decode import sample
 
 
 def is_correct(text: str, answer: int) -> bool:
@@ -31,28 +31,55 @@ def concise_length(tokenizer, problems: list[task_lib.Problem]) -> float:
   return float(np.mean(lengths))
 
 
+def connector_ids(tokenizer) -> np.ndarray:
+  return np.asarray([tokenizer.convert_tokens_to_ids(w) for w in task_lib.CONNECTORS])
+
+
 def connector_share(tokenizer, completions: list[list[int]]) -> float:
   """Share of generated tokens that are connector words (task.CONNECTORS)."""
-  connector_ids = {tokenizer.convert_tokens_to_ids(w) for w in task_lib.CONNECTORS}
+  ids = set(connector_ids(tokenizer).tolist())
   total = sum(len(c) for c in completions)
-  hits = sum(t in connector_ids for c in completions for t in c)
+  hits = sum(t in ids for c in completions for t in c)
   return hits / max(total, 1)
+
+
+def _mean(parts: list[np.ndarray]) -> float:
+  """Mean over the concatenated parts; NaN when there is nothing to average."""
+  x = np.concatenate(parts) if parts else np.zeros(0)
+  return float(x.mean()) if x.size else float("nan")
+
+
+def sampling_config(tokenizer, temperature: float, max_new_tokens: int) -> SamplingConfig:
+  """temperature 0 means greedy decoding."""
+  return SamplingConfig(
+    temperature=temperature if temperature > 0 else 1.0,
+    greedy=temperature <= 0,
+    max_new_tokens=max_new_tokens,
+    stop_token_ids=(tokenizer.eos_token_id,),
+    pad_id=tokenizer.pad_token_id,
+  )
 
 
 def evaluate(
   model, tokenizer, problems: list[task_lib.Problem], *, temperature: float,
   max_new_tokens: int, seed: int = 0, batch_size: int = 250,
 ) -> dict[str, float]:  # fmt: skip
-  """One sample per problem: accuracy, mean length, truncation, connector share, and the
-  concise reference length with the ratio to it."""
+  """One sample per problem (temperature 0: greedy): accuracy, mean length, truncation,
+  connector share, mean policy entropy at connector tokens and elsewhere, and the concise
+  reference length with the ratio to it."""
   prompts = [tok_lib.encode_prompt(tokenizer, p.text) for p in problems]
+  cfg = sampling_config(tokenizer, temperature, max_new_tokens)
   completions: list[list[int]] = []
+  conn_entropy, other_entropy = [], []
+  conn = connector_ids(tokenizer)
   for s in range(0, len(prompts), batch_size):
-    completions += sample(
-      model, prompts[s : s + batch_size], max_new_tokens=max_new_tokens,
-      temperature=temperature, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-      seed=seed + s,
-    )  # fmt: skip
+    rollout = generate(model, prompts[s : s + batch_size], cfg, seed=seed + s)
+    completions += completion_lists(rollout)
+    tokens, mask = np.asarray(rollout.completion_tokens_BC), np.asarray(rollout.completion_mask_BC)
+    entropy = np.asarray(rollout.entropy_BC)
+    is_conn = np.isin(tokens, conn)
+    conn_entropy.append(entropy[mask & is_conn])
+    other_entropy.append(entropy[mask & ~is_conn])
   texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
   correct = [is_correct(t, p.answer) for t, p in zip(texts, problems, strict=True)]
   lengths = [len(c) for c in completions]
@@ -64,6 +91,9 @@ def evaluate(
     "mean_length": mean_len,
     "truncated": float(np.mean(truncated)),
     "connector_share": connector_share(tokenizer, completions),
+    # The policy's (T = 1) entropy of the step that emitted a connector vs any other token.
+    "entropy_at_connectors": _mean(conn_entropy),
+    "entropy_elsewhere": _mean(other_entropy),
     "concise_length": ref,
     "length_ratio_to_concise": mean_len / ref,
     "num_problems": len(problems),

@@ -41,26 +41,25 @@ from egrc_jax.toy.checkpoint import save_sft
 from egrc_jax.toy.data import write_splits
 from egrc_jax.toy.evaluate import evaluate
 
-_BUCKET = 32  # sequences are padded to a multiple of this, so only a few shapes compile
-
 
 @dataclasses.dataclass(frozen=True)
 class SftConfig:
   # model (Qwen2 family: q/k/v bias, untied head)
-  hidden_size: int = 96
-  intermediate_size: int = 256
-  num_layers: int = 3
+  hidden_size: int = 64
+  intermediate_size: int = 192
+  num_layers: int = 2
   num_heads: int = 4
   num_kv_heads: int = 2
-  head_dim: int = 24
+  head_dim: int = 16
   # data
-  num_train: int = 20_000  # distinct training problems (one verbose solution each)
+  num_train: int = 10_000  # distinct training problems (one verbose solution each)
   num_test: int = 500  # held-out problems for the accuracy / length figures
   task: task_lib.TaskConfig = task_lib.TaskConfig()
   cot: task_lib.CotConfig = task_lib.CotConfig()
   # optimisation (AdamW, linear warmup then cosine decay to 10%)
-  steps: int = 600
+  steps: int = 400
   batch_size: int = 32
+  pad_multiple: int = 32  # batches are padded to a multiple of this: few shapes to compile
   learning_rate: float = 3e-3
   warmup_fraction: float = 0.1  # share of the steps spent warming the learning rate up
   weight_decay: float = 0.01
@@ -116,10 +115,10 @@ def tokenize_examples(tokenizer, examples) -> tuple[list[np.ndarray], list[int]]
   return seqs, prompt_lens
 
 
-def make_batch(seqs, prompt_lens, idx, pad_id: int) -> dict[str, np.ndarray]:
+def make_batch(seqs, prompt_lens, idx, pad_id: int, multiple: int) -> dict[str, np.ndarray]:
   """Right-padded tokens_BT, mask_BT (real tokens) and loss_BT (response targets, shifted:
   loss_BT[b, t] weighs predicting tokens_BT[b, t + 1])."""
-  T = -(-max(len(seqs[i]) for i in idx) // _BUCKET) * _BUCKET
+  T = -(-max(len(seqs[i]) for i in idx) // multiple) * multiple
   tokens = np.full((len(idx), T), pad_id, np.int32)
   loss = np.zeros((len(idx), T), np.float32)
   mask = np.zeros((len(idx), T), bool)
@@ -188,10 +187,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
   return step
 
 
-def train_sft(cfg: SftConfig, tokenizer, train_problems, *, log=print) -> tuple[Transformer, list]:
+def train_sft(
+  cfg: SftConfig, tokenizer, train_problems, *, log=print, hook=None
+) -> tuple[Transformer, list]:
   """Trains from scratch on one verbose solution per training problem.
 
-  Returns the model and the logged history [(step, loss, tokens_per_s)].
+  Returns the model and the logged history [(step, loss, tokens_per_s)]. `hook(step, model)`,
+  when given, is called at every logged step (e.g. to evaluate mid-run).
   """
   examples = task_lib.sft_examples(train_problems, cfg.cot, seed=cfg.seed)
   seqs, prompt_lens = tokenize_examples(tokenizer, examples)
@@ -203,7 +205,7 @@ def train_sft(cfg: SftConfig, tokenizer, train_problems, *, log=print) -> tuple[
   batches = batch_order([len(s) for s in seqs], cfg.batch_size, np.random.default_rng(cfg.seed))
   history, t0, tokens = [], time.perf_counter(), 0
   for step in range(1, cfg.steps + 1):
-    batch = make_batch(seqs, prompt_lens, next(batches), tokenizer.pad_token_id)
+    batch = make_batch(seqs, prompt_lens, next(batches), tokenizer.pad_token_id, cfg.pad_multiple)
     params, opt_state, loss = step_fn(params, opt_state, batch)
     tokens += int(batch["mask_BT"].sum())
     if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
@@ -211,6 +213,8 @@ def train_sft(cfg: SftConfig, tokenizer, train_problems, *, log=print) -> tuple[
       rate = tokens / (time.perf_counter() - t0)
       history.append((step, loss, rate))
       log(f"step {step:5d}  loss {loss:.4f}  tokens/s {rate:,.0f}")
+      if hook is not None:
+        hook(step, nnx.merge(graphdef, params))
   return nnx.merge(graphdef, params), history
 
 

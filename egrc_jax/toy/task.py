@@ -28,17 +28,17 @@ import numpy as np
 
 OPS = ("add", "minus", "times")
 _SYMBOL = {"add": "+", "minus": "-", "times": "*"}
-CONNECTORS = ("wait", "hmm", "so", "therefore", "alternatively", "let", "but", "okay")
+CONNECTORS = ("wait", "hmm", "so", "therefore", "alternatively", "let", "okay")
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-  min_ops: int = 3  # fewest operations in a chain
-  max_ops: int = 4  # most operations in a chain
-  start_max: int = 20  # start value drawn from [1, start_max]
-  operand_max: int = 9  # add / minus operands drawn from [1, operand_max]
+  min_ops: int = 2  # fewest operations in a chain
+  max_ops: int = 3  # most operations in a chain
+  start_max: int = 9  # start value drawn from [1, start_max]
+  operand_max: int = 5  # add / minus operands drawn from [1, operand_max]
   times_max: int = 3  # times operands drawn from [2, times_max]
-  value_max: int = 99  # every intermediate value stays in [0, value_max]
+  value_max: int = 40  # every intermediate value stays in [0, value_max]
   test_percent: int = 10  # share of the problem space (by text hash) that is held out
 
   def __post_init__(self):
@@ -58,9 +58,9 @@ class TaskConfig:
 class CotConfig:
   """Knobs of the verbose chain-of-thought generator (all probabilities in [0, 1])."""
 
-  recheck_prob: float = 0.55  # after each step (and each re-check), P(one more re-check)
+  recheck_prob: float = 0.65  # after each step (and each re-check), P(one more re-check)
   max_rechecks: int = 6  # cap on re-checks per solution
-  slip_prob: float = 0.15  # P(a step is first written with a wrong result)
+  slip_prob: float = 0.1  # P(a step is first written with a wrong result)
   fix_prob: float = 1.0  # P(a slip is caught by "wait , that is wrong ." and fixed)
   preamble_prob: float = 0.5  # P("okay , let me work through this step by step .")
   conclusion_prob: float = 0.5  # P("so the final answer is N .") before </think>
@@ -196,16 +196,20 @@ def _recheck(rng: np.random.Generator, a: int, op: str, b: int, c: int) -> str:
     inverse = f"{c} + {b} = {a}"
   else:
     inverse = f"{b} * {a} = {c}"
+  # (template, weight): "wait" opens half of them, as in R1-style traces, so that at a
+  # sampling temperature below 1 the re-check decision is not drowned by the one next-step
+  # token.
   templates = (
-    f"wait , let me verify : {eq} . yes , that is right .",
-    f"hmm , let me check that again . {eq} . correct .",
-    f"so {eq} , and the value is {c} .",
-    f"therefore the value is {c} .",
-    f"alternatively , {inverse} , so it checks out .",
-    f"let me double check : {eq} . yes .",
-    f"but wait , is {eq} ? yes , {c} .",
+    (f"wait , let me verify : {eq} . yes , that is right .", 0.3),
+    (f"wait , is {eq} ? yes , {c} .", 0.2),
+    (f"hmm , let me check that again . {eq} . correct .", 0.1),
+    (f"so {eq} , and the value is {c} .", 0.1),
+    (f"therefore the value is {c} .", 0.1),
+    (f"alternatively , {inverse} , so it checks out .", 0.1),
+    (f"let me double check : {eq} . yes .", 0.1),
   )
-  return templates[int(rng.integers(len(templates)))]
+  k = rng.choice(len(templates), p=[w for _, w in templates])
+  return templates[int(k)][0]
 
 
 def _slip(rng: np.random.Generator, c: int) -> int:

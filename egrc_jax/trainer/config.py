@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.arm = "egrc"  # one of ARMS
   c.seed = 0  # seeds sampling, data order and (random-init) params
+  c.run_steps = 0  # stop this invocation after N steps (checkpointed); 0 = run to the end
 
   # -- model --------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -34,6 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tokenizer_path = ""  # tokenizer directory (defaults to hf_path)
   c.model.dtype = ""  # compute dtype override: "" keeps the checkpoint's, or float32/bfloat16
   c.model.param_dtype = ""  # parameter dtype override, as above
+  c.model.hidden_size = 0  # preset override (random init only); 0 keeps the preset's
+  c.model.num_layers = 0  # preset override (random init only); 0 keeps the preset's
 
   # -- mesh -----------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
@@ -120,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.agg_mode = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
   c.loss.entropy_select = "off"  # off | restrict | reweight (top-rho entropy tokens)
   c.loss.rho = 0.2  # high-entropy quantile for selection and diagnostics
+  c.loss.high_entropy_weight = 2.0  # entropy_select=reweight: factor on high-entropy tokens
   c.loss.vocab_chunk = 8192  # vocab chunk of the learner's logprob/entropy computation
 
   # -- optimisation ---------------------------------------------------------------------
@@ -134,7 +138,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.ppo_epochs = 1  # passes over each rollout batch
   c.optim.micro_batch_rows = 0  # rows per gradient micro-batch; 0 = the whole batch
   c.optim.max_bad_steps = 3  # consecutive non-finite steps before the run stops
-  c.optim.reset_between_stages = True  # fresh optimizer state and schedule per stage
 
   # -- checkpoint / logging / eval ------------------------------------------------------
   c.checkpoint = ml_collections.ConfigDict()
@@ -238,3 +241,16 @@ def finalize(c: ml_collections.ConfigDict, arg: str | None = None) -> ml_collect
   validate(c)
   c.lock()
   return c
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a configs/<file>.py (what `--config=<path>:<arg>` does)."""
+  import importlib.util
+  import os
+
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import signal
 import time
 
@@ -68,6 +69,9 @@ class Trainer:
     self.grader = setup.make_grader(c)
     self.connector_ids = diagnostics.connector_token_ids(self.tokenizer, c.log.connectors)
     self.ckpt = Checkpointer(workdir, c.checkpoint.keep)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(c.to_json(indent=1))
     total = sum(s.steps for s in self.stages)
     self.writer = MetricsWriter(workdir, total, c.log.tensorboard)
     self._stop = False
@@ -86,13 +90,14 @@ class Trainer:
       prompt_buckets=tuple(c.rollout.prompt_buckets),
     )
 
-  def _optimizer(self, stage: Stage):
+  def _optim_config(self, stage: Stage) -> OptimConfig:
     o = self.config.optim
-    return make_optimizer(
-      OptimConfig(lr=o.lr, warmup_steps=o.warmup_steps, total_steps=stage.steps,
-                  min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-                  clip_norm=o.clip_norm)
-    )
+    return OptimConfig(lr=o.lr, warmup_steps=o.warmup_steps, total_steps=stage.steps,
+                       min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, b1=o.b1,
+                       b2=o.b2, clip_norm=o.clip_norm)
+
+  def _lr(self, stage: Stage, step: int) -> float:
+    return lr_schedule(self._optim_config(stage))(step)
 
   def _on_sigterm(self, signum, frame):
     log.warning("SIGTERM received: finishing this step, saving a checkpoint, exiting")
@@ -133,7 +138,9 @@ class Trainer:
       batch = dataclasses.replace(batch, ref_logp_BC=np.asarray(ref))
       ref_time = time.time() - tr
     t3 = time.time()
-    state, m = train_step(state, batch, jnp.float32(stage.temperature))
+    lr = self._lr(stage, int(state.step))
+    state, m = train_step(state, batch, jnp.float32(stage.temperature), jnp.float32(lr))
+    nnx.update(self.model, state.params)  # the donated arrays are gone: point at the new ones
     m = jax.device_get(m)
     t4 = time.time()
     metrics = {k: float(v) for k, v in m.items()}
@@ -143,6 +150,7 @@ class Trainer:
     metrics.update(
       {
         "stage": stage.name,
+        "optim/lr": lr,
         "temperature": stage.temperature,
         "advantage/mean": float(adv_PG.mean()),
         "advantage/kept_share": float(keep_PG.mean()),
@@ -234,11 +242,16 @@ class Trainer:
       restored_state = latest
       self.writer.event(global_step, "resumed", checkpoint=latest, stage_index=stage_index)
 
+    self._start_step = global_step
     results = {"switch_steps": self.switch_steps}
     bad_steps = 0
+    # One optimizer and one compiled train step for every stage (lr is a step argument).
+    tx = make_optimizer(self._optim_config(self.stages[0]))
+    rows = c.data.prompts_per_step * c.rollout.num_samples
+    train_step = None
     while stage_index < len(self.stages):
       stage = self.stages[stage_index]
-      tx = self._optimizer(stage)
+      # Every stage starts with fresh optimizer state from the current params.
       state, state_sh = init_state_sharded(self.model, tx, self.mesh)
       if restored_state is not None:
         state, _ = self.ckpt.restore(restored_state, state, self.model_cfg)
@@ -246,13 +259,12 @@ class Trainer:
         if stage_step == 0:  # saved at a stage boundary: fresh optimizer for the new stage
           nnx.update(self.model, state.params)
           state, state_sh = init_state_sharded(self.model, tx, self.mesh)
-      micro = (c.data.prompts_per_step * c.rollout.num_samples) // (
-        c.optim.micro_batch_rows or c.data.prompts_per_step * c.rollout.num_samples
-      )
-      train_step = make_train_step(
-        self.graphdef, tx, self.loss_cfg, micro_batches=micro, ppo_epochs=c.optim.ppo_epochs,
-        mesh=self.mesh, state_sharding=state_sh,
-      )
+      if train_step is None:
+        train_step = make_train_step(
+          self.graphdef, tx, self.loss_cfg,
+          micro_batches=rows // (c.optim.micro_batch_rows or rows),
+          ppo_epochs=c.optim.ppo_epochs, mesh=self.mesh, state_sharding=state_sh,
+        )
       switch = None
       if stage.name == "compress" and stage_index < len(self.stages) - 1 and (
         c.switch.mode == "entropy"
@@ -279,7 +291,6 @@ class Trainer:
             )
         else:
           bad_steps = 0
-        metrics["optim/lr"] = float(self._optimizer_lr(stage, int(state.step)))
         end_stage = stage_step >= stage.steps
         if switch is not None and switch.update(metrics["entropy/mean"]) and not end_stage:
           end_stage = True
@@ -289,13 +300,15 @@ class Trainer:
         if c.eval.every and global_step % c.eval.every == 0:
           metrics.update(self.evaluate(state.params, "periodic"))
         self.writer.write(global_step, metrics)
+        if c.run_steps and global_step - self._start_step >= c.run_steps:
+          self._stop = True
         if end_stage:
-          break
+          break  # the stage-end checkpoint below also serves a stop request
         if self._stop or (c.checkpoint.every and global_step % c.checkpoint.every == 0):
           self.ckpt.save(global_step, state,
                          self._meta(global_step, stage_index, stage_step, switch))
           if self._stop:
-            self.writer.event(global_step, "SIGTERM: checkpoint saved, exiting")
+            self.writer.event(global_step, "stopping early: checkpoint saved; re-run to resume")
             return {"preempted": True, "global_step": global_step}
       # Stage end: evaluate, then checkpoint as the start of the next stage.
       if stage_index < len(self.stages) - 1 and global_step not in self.switch_steps:
@@ -307,14 +320,11 @@ class Trainer:
       stage_index, stage_step = stage_index + 1, 0
       self.ckpt.save(global_step, state, self._meta(global_step, stage_index, 0, None))
       nnx.update(self.model, state.params)
-      if self._stop:
+      if self._stop and stage_index < len(self.stages):
+        self.writer.event(global_step, "stopping early: checkpoint saved; re-run to resume")
         return {"preempted": True, "global_step": global_step}
     results["global_step"] = global_step
     self.writer.event(global_step, "run finished", switch_steps=self.switch_steps)
     return results
 
-  def _optimizer_lr(self, stage: Stage, step: int) -> float:
-    o = self.config.optim
-    return lr_schedule(OptimConfig(lr=o.lr, warmup_steps=o.warmup_steps,
-                                   total_steps=stage.steps, min_lr_ratio=o.min_lr_ratio))(step)
 

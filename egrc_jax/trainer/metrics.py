@@ -56,7 +56,7 @@ class MetricsWriter:
   def _console(self, step: int, m: dict) -> None:
     done = min(step / self.total, 1.0)
     bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
-    parts = [fmt.format(m[k]) for k, fmt in _CONSOLE_KEYS if k in m and m[k] is not None]
+    parts = [_fmt(fmt, m[k]) for k, fmt in _CONSOLE_KEYS if k in m and m[k] is not None]
     eta = (time.time() - self.t0) / max(done, 1e-9) * (1 - done) if done > 0 else 0
     print(f"[{bar}] {step}/{self.total} " + " ".join(parts) + f" eta {eta:.0f}s", flush=True,
           file=sys.stdout)
@@ -74,6 +74,13 @@ class MetricsWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _fmt(fmt: str, v) -> str:
+  """Numbers by their format; non-finite values (stored as strings) as they are."""
+  if isinstance(v, str) and "{}" not in fmt:
+    return fmt.split("=")[0] + "=" + v if "=" in fmt else v
+  return fmt.format(v)
 
 
 def _plain(v):

@@ -44,7 +44,8 @@ def load_policy(c, mesh):
   if c.model.hf_path:
     cfg, model = hf.load_model(c.model.hf_path, mesh=mesh, **overrides)
   else:
-    cfg = get_preset(c.model.preset, **overrides)
+    shape = {k: v for k in ("hidden_size", "num_layers") if (v := c.model[k])}
+    cfg = get_preset(c.model.preset, **overrides, **shape)
     model = init_model(cfg, mesh, seed=c.seed)
   return cfg, model
 
@@ -88,6 +89,7 @@ def loss_config(c) -> losses.LossConfig:
     max_len_norm=c.rollout.max_new_tokens,
     entropy_select=l.entropy_select,
     rho=l.rho,
+    high_entropy_weight=l.high_entropy_weight,
     vocab_chunk=l.vocab_chunk,
   )
 

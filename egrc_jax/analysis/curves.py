@@ -1,0 +1,85 @@
+"""Training curves from trainer workdirs: entropy, length and accuracy per step, with the
+stage switches as vertical lines and several runs overlaid.
+
+metrics.jsonl holds one JSON object per step ({"step", "stage", "entropy/mean",
+"length/mean", "accuracy", ...}) and event rows {"step", "event"}; a stage switch is an event
+whose text starts with "stage " and contains "begins". A partial last line is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from egrc_jax.analysis import common
+
+METRICS = (("entropy/mean", "policy entropy"), ("length/mean", "mean length (tokens)"),
+           ("accuracy", "accuracy"))  # fmt: skip
+
+
+def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
+  """(step rows, event rows) of a run's metrics.jsonl."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: pass a trainer --workdir")
+  rows, events = [], []
+  for line in path.read_text(encoding="utf-8").splitlines():
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a line the trainer was writing when it stopped
+    (events if "event" in obj else rows).append(obj)
+  return rows, events
+
+
+def stage_switches(events: list[dict]) -> list[tuple[int, str]]:
+  """(step, event text) of every stage switch."""
+  return [(int(e["step"]), str(e["event"])) for e in events
+          if str(e["event"]).startswith("stage ") and "begins" in str(e["event"])]  # fmt: skip
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+  pts = [(int(r["step"]), float(r[key])) for r in rows
+         if isinstance(r.get(key), int | float) and not isinstance(r.get(key), bool)]  # fmt: skip
+  return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def run(workdirs: list[str], out: str, labels: list[str] | None = None) -> dict:
+  """Write curves.png, curves.csv (step, run, metric values) and curves.json (switches)."""
+  if not workdirs:
+    raise ValueError("pass at least one --workdir")
+  labels = labels or [pathlib.Path(w).name for w in workdirs]
+  if len(labels) != len(workdirs):
+    raise ValueError(f"{len(labels)} labels for {len(workdirs)} workdirs; give one per run")
+  d = common.out_dir(out)
+  plt = common.pyplot()
+  fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
+  csv_rows, summary = [], {"runs": {}}
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for i, (wd, label) in enumerate(zip(workdirs, labels, strict=True)):
+    rows, events = read_metrics(wd)
+    switches = stage_switches(events)
+    color = colors[i % len(colors)]
+    for ax, (key, title) in zip(axes, METRICS, strict=True):
+      x, y = series(rows, key)
+      ax.plot(x, y, color=color, label=label)
+      for step, _ in switches:
+        ax.axvline(step, color=color, linestyle="--", alpha=0.7)
+      ax.set_title(title)
+      ax.set_xlabel("step")
+    for r in rows:
+      csv_rows.append({"run": label, "step": r["step"], "stage": r.get("stage"),
+                       **{k: r.get(k) for k, _ in METRICS}})  # fmt: skip
+    summary["runs"][label] = {
+      "workdir": str(wd), "steps": len(rows),
+      "stage_switches": [{"step": s, "event": e} for s, e in switches],
+    }  # fmt: skip
+  axes[0].legend()
+  fig.tight_layout()
+  fig.savefig(d / "curves.png", dpi=110)
+  plt.close(fig)
+  common.write_csv(d / "curves.csv", csv_rows)
+  common.write_json(d / "curves.json", summary)
+  return summary

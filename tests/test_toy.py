@@ -1,0 +1,184 @@
+"""The toy task, its tokenizer and a very short SFT run (tiny model, CPU)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from egrc_jax.toy import data as data_lib
+from egrc_jax.toy import sft as sft_lib
+from egrc_jax.toy import task as T
+from egrc_jax.toy import tokenizer as tok_lib
+from egrc_jax.toy.checkpoint import load_sft, save_sft
+from egrc_jax.toy.evaluate import evaluate, is_correct
+
+
+@pytest.fixture(scope="module")
+def splits():
+  return T.make_splits(T.TaskConfig(), 2000, 500, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("toy_tok")
+  tok_lib.build_tokenizer(d)
+  return d
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tok_dir):
+  return AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+def test_splits_deterministic_and_disjoint(splits):
+  train, test = splits
+  again = T.make_splits(T.TaskConfig(), 2000, 500, seed=0)
+  assert [p.text for p in train] == [p.text for p in again[0]]
+  assert [p.text for p in test] == [p.text for p in again[1]]
+  other = T.make_splits(T.TaskConfig(), 2000, 500, seed=1)
+  assert [p.text for p in train] != [p.text for p in other[0]]
+  assert len(test) == 500 and len({p.text for p in test}) == 500
+  assert not {p.text for p in train} & {p.text for p in test}
+  # The split is a property of the problem, so another seed never moves a problem across.
+  assert not {p.text for p in other[0]} & {p.text for p in test}
+
+
+def test_values_stay_in_range(splits):
+  cfg = T.TaskConfig()
+  for p in splits[0][:500]:
+    assert cfg.min_ops <= len(p.ops) <= cfg.max_ops
+    assert all(0 <= v <= cfg.value_max for v in p.values)
+
+
+def test_verbose_cot_boxes_the_true_answer_when_slips_are_fixed(splits):
+  cfg = T.CotConfig(slip_prob=0.5, fix_prob=1.0, recheck_prob=0.7)
+  rng = np.random.default_rng(0)
+  for p in splits[0][:300]:
+    text, boxed = T.verbose_cot(p, rng, cfg)
+    assert boxed == p.answer
+    assert is_correct(text, p.answer)
+    assert text.endswith(f"</think> \\boxed{{{p.answer}}}")
+  for p in splits[0][:50]:
+    assert is_correct(T.concise_cot(p), p.answer)
+
+
+def test_unfixed_slips_give_wrong_answers(splits):
+  rng = np.random.default_rng(0)
+  cfg = T.CotConfig(slip_prob=1.0, fix_prob=0.0)
+  problems = splits[0][:100]
+  results = [T.verbose_cot(p, rng, cfg) for p in problems]
+  # Every step slips and none is fixed; the boxed answer is right only when the slips cancel
+  # (e.g. +1 then -1 through two additions), which is rare.
+  wrong = sum(boxed != p.answer for (_, boxed), p in zip(results, problems, strict=True))
+  assert wrong >= 80, wrong
+  assert all(is_correct(text, boxed) for text, boxed in results)
+
+
+def test_verbose_part_is_removable(splits):
+  bare = T.CotConfig(recheck_prob=0, slip_prob=0, preamble_prob=0, conclusion_prob=0)
+  rng = np.random.default_rng(0)
+  for p in splits[0][:50]:
+    assert T.verbose_cot(p, rng, bare)[0] == T.concise_cot(p)
+
+
+def test_recheck_count_respects_cap(splits):
+  cfg = T.CotConfig(recheck_prob=1.0, max_rechecks=3, slip_prob=0.0)
+  rng = np.random.default_rng(0)
+  text, _ = T.verbose_cot(splits[0][0], rng, cfg)
+  steps = len(splits[0][0].ops)
+  # Every step and every re-check ends with " ."; the preamble/conclusion add at most 2.
+  assert steps + 3 <= text.count(" .") <= steps + 3 + 2
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="slip_prob"):
+    T.CotConfig(slip_prob=1.5)
+  with pytest.raises(ValueError, match="min_ops"):
+    T.TaskConfig(min_ops=4, max_ops=3)
+
+
+def test_tokenizer_round_trip_and_auto_load(splits, tokenizer):
+  assert len(tokenizer) < 128
+  assert tokenizer.eos_token == "<eos>" and tokenizer.pad_token == "<pad>"
+  rng = np.random.default_rng(0)
+  for p in splits[1][:200]:
+    for text in (T.verbose_cot(p, rng, T.CotConfig(slip_prob=0.5))[0], T.concise_cot(p), p.text):
+      ids = tokenizer.encode(text, add_special_tokens=False)
+      assert tokenizer.unk_token_id not in ids
+      assert tokenizer.decode(ids) == text
+  # Digits are single tokens; connectors are whole-word tokens.
+  assert tokenizer.convert_ids_to_tokens(
+    tokenizer.encode("wait , 12", add_special_tokens=False)
+  ) == ["wait", ",", "1", "##2"]
+  prompt = tok_lib.encode_prompt(tokenizer, splits[1][0].text)
+  assert prompt[0] == tokenizer.bos_token_id
+  assert tokenizer.convert_ids_to_tokens(prompt[-2:]) == ["<assistant>", "<think>"]
+  response = tok_lib.encode_response(tokenizer, T.concise_cot(splits[1][0]))
+  full = tokenizer.decode(prompt + response, skip_special_tokens=True)
+  assert "</think>" in full and is_correct(full, splits[1][0].answer)
+
+
+def test_is_correct():
+  assert is_correct("</think> \\boxed{12}", 12)
+  assert is_correct("\\boxed{3} </think> \\boxed{-4}", -4)
+  assert not is_correct("\\boxed{12}", 13)
+  assert not is_correct("no box", 1)
+  assert not is_correct("\\boxed{1+1}", 2)  # never evaluated
+
+
+def test_data_cli_writes_jsonl(tmp_path):
+  data_lib.main(["--out", str(tmp_path), "--num_train", "50", "--num_test", "20"])
+  rows = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+  assert len(rows) == 20 and set(rows[0]) == {"id", "problem", "answer"}
+  _, test = T.make_splits(T.TaskConfig(), 50, 20, seed=0)
+  assert [r["answer"] for r in rows] == [str(p.answer) for p in test]
+
+
+TINY = sft_lib.SftConfig(
+  hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+  head_dim=16, num_train=64, num_test=8, steps=8, batch_size=8, learning_rate=1e-2,
+  log_every=4, eval_max_new_tokens=24, pad_multiple=256,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(splits, tokenizer):
+  train = splits[0][: TINY.num_train]
+  logs = []
+  model, history = sft_lib.train_sft(TINY, tokenizer, train, log=logs.append)
+  return model, history, logs
+
+
+def test_short_sft_reduces_loss_and_gives_finite_metrics(trained, splits, tokenizer):
+  model, history, logs = trained
+  losses = [loss for _, loss, _ in history]
+  assert all(math.isfinite(x) for x in losses)
+  # From ~log(V) at init; 8 steps at lr 1e-2 on a tiny model cut it by far more than noise.
+  assert losses[-1] < losses[0] - 0.5, losses
+  assert any("tokens/s" in line for line in logs)
+  m = evaluate(
+    model, tokenizer, splits[1][:8], temperature=0.6, max_new_tokens=TINY.eval_max_new_tokens
+  )
+  for k in ("accuracy", "mean_length", "truncated", "connector_share", "concise_length"):
+    assert math.isfinite(m[k]), (k, m[k])
+  assert 0 <= m["accuracy"] <= 1 and 1 <= m["mean_length"] <= TINY.eval_max_new_tokens
+
+
+def test_save_load_round_trip(trained, tok_dir, tmp_path, splits):
+  import jax.numpy as jnp
+
+  from egrc_jax.model import positions_from_mask
+
+  model = trained[0]
+  save_sft(model, tok_dir, tmp_path / "sft")
+  loaded, tok = load_sft(tmp_path / "sft")
+  assert tok.get_vocab() == AutoTokenizer.from_pretrained(str(tok_dir)).get_vocab()
+  assert loaded.cfg.vocab_size == model.cfg.vocab_size and model.cfg.vocab_size % 8 == 0
+  ids = jnp.asarray([tok_lib.encode_prompt(tok, splits[1][0].text)])
+  mask = jnp.ones_like(ids, bool)
+  pos = positions_from_mask(mask)
+  np.testing.assert_array_equal(
+    np.asarray(model(ids, pos, mask)), np.asarray(loaded(ids, pos, mask))
+  )

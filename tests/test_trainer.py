@@ -1,0 +1,182 @@
+"""The RL loop end to end on the tiny config: every arm, stage switching, exact resume,
+SIGTERM, non-finite updates, and bad input."""
+
+import json
+import os
+import pathlib
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from egrc_jax.trainer import config as config_lib
+from egrc_jax.trainer.checkpoint import CheckpointError
+from egrc_jax.trainer.loop import NonFiniteError, Trainer
+from egrc_jax.trainer.stages import EntropySwitch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Small enough to run each arm in seconds: 4 prompts x 2 samples, 8 new tokens.
+FAST = (
+  "data.prompts_per_step=4,rollout.num_samples=2,rollout.max_new_tokens=8,"
+  "data.max_prompt_tokens=256,rollout.prompt_buckets=256,optim.micro_batch_rows=4,"
+  "eval.num_prompts=4,checkpoint.every=1,compress.steps=2,enhance.steps=2,single.steps=2,"
+  "grading.mode=exact,export.hf=false"
+)
+
+
+def tiny(overrides: str = "", data_root=None):
+  arg = FAST + ("," + overrides if overrides else "")
+  c = config_lib.load_config_file(str(ROOT / "configs" / "tiny.py"), arg)
+  if data_root is not None:
+    c.unlock()
+    c.data.data_root = str(data_root)
+    c.lock()
+  return c
+
+
+def read_metrics(workdir):
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  return [r for r in rows if "loss" in r], [r for r in rows if "event" in r]
+
+
+@pytest.mark.parametrize("arm", config_lib.ARMS)
+def test_each_arm_runs_with_finite_metrics(arm, tmp_path, shared_data):
+  c = tiny(f"arm={arm}", shared_data)
+  result = Trainer(c, str(tmp_path)).run()
+  steps, events = read_metrics(tmp_path)
+  n_stages = 2 if arm in ("egrc", "reverse") else 1
+  assert result["global_step"] == len(steps) == 2 * n_stages
+  for row in steps:
+    for key in ("loss", "grad_norm", "entropy/mean", "reward/total", "length/mean",
+                "loss/clip_frac", "time/rollout", "time/update"):
+      assert np.isfinite(row[key]), (arm, key, row[key])
+    assert row["finite"]
+  begins = [e for e in events if e["event"].endswith("begins")]
+  assert len(begins) == n_stages
+  if n_stages == 2:
+    assert result["switch_steps"] == [2]
+    assert [r["stage"] for r in steps] == (
+      ["compress"] * 2 + ["enhance"] * 2 if arm == "egrc" else ["enhance"] * 2 + ["compress"] * 2
+    )
+    assert [r["temperature"] for r in steps] == (
+      [0.6, 0.6, 1.0, 1.0] if arm == "egrc" else [1.0, 1.0, 0.6, 0.6]
+    )
+
+
+def test_entropy_switch_rule():
+  sw = EntropySwitch(window=2, min_drop=0.05, min_steps=3)
+  # Compares the mean of the last 2 steps with the mean of the 2 before (needs 4 steps):
+  # step 4: 0.95 -> 0.75 (drop 21%), 5: 0.85 -> 0.7 (18%), 6: 0.75 -> 0.7 (6.7%),
+  # step 7: 0.7 -> 0.7 (0% < 5%: switch).
+  entropies = (1.0, 0.9, 0.8, 0.7, 0.7, 0.7, 0.7)
+  assert [sw.update(h) for h in entropies] == [False] * 6 + [True]
+  restored = EntropySwitch.from_state(2, 0.05, 3, sw.state())
+  assert restored.state() == sw.state()
+
+
+def test_entropy_triggered_switch_is_logged(tmp_path, shared_data):
+  # A random tiny model's entropy is flat, so the switch fires at min_steps.
+  c = tiny("switch.mode=entropy,switch.window=1,switch.min_steps=2,compress.steps=5",
+           shared_data)
+  result = Trainer(c, str(tmp_path)).run()
+  _, events = read_metrics(tmp_path)
+  assert any("entropy stopped descending" in e["event"] for e in events)
+  assert result["switch_steps"] == [2]
+  assert result["global_step"] == 4  # 2 compress (switched early) + 2 enhance
+
+
+def _final_params(workdir, c):
+  t = Trainer(c, str(workdir))
+  step = t.ckpt.latest_step()
+  from egrc_jax.train import init_state_sharded, make_optimizer
+
+  tx = make_optimizer(t._optim_config(t.stages[0]))
+  abstract, _ = init_state_sharded(t.model, tx, t.mesh)
+  state, meta = t.ckpt.restore(step, abstract, t.model_cfg)
+  t.grader.close()
+  return jax.device_get(state.params), meta
+
+
+def test_resume_is_bitwise_exact(tmp_path, shared_data):
+  full, split = tmp_path / "full", tmp_path / "split"
+  Trainer(tiny("", shared_data), str(full)).run()
+  first = Trainer(tiny("run_steps=1", shared_data), str(split)).run()
+  assert first["preempted"] and first["global_step"] == 1
+  second = Trainer(tiny("run_steps=2", shared_data), str(split)).run()  # crosses the switch
+  assert second["global_step"] == 3
+  Trainer(tiny("", shared_data), str(split)).run()
+  rows_full, _ = read_metrics(full)
+  rows_split, _ = read_metrics(split)
+  assert [r["step"] for r in rows_split] == [1, 2, 3, 4]
+  for a, b in zip(rows_full, rows_split, strict=True):
+    for key in ("loss", "grad_norm", "reward/total", "length/mean", "entropy/mean"):
+      assert a[key] == b[key], (a["step"], key)
+  pa, _ = _final_params(full, tiny("", shared_data))
+  pb, _ = _final_params(split, tiny("", shared_data))
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sigterm_saves_a_restorable_checkpoint(tmp_path, shared_data, monkeypatch):
+  c = tiny("checkpoint.every=100", shared_data)
+  trainer = Trainer(c, str(tmp_path))
+  original = trainer.writer.write
+
+  def write_then_preempt(step, metrics):
+    original(step, metrics)
+    if step == 1:
+      os.kill(os.getpid(), signal.SIGTERM)  # what a TPU preemption notice delivers
+
+  monkeypatch.setattr(trainer.writer, "write", write_then_preempt)
+  result = trainer.run()
+  assert result == {"preempted": True, "global_step": 1}
+  assert trainer.ckpt.latest_step() == 1
+  resumed = Trainer(tiny("", shared_data), str(tmp_path)).run()
+  assert resumed["global_step"] == 4
+
+
+def test_non_finite_updates_are_skipped_then_stop(tmp_path, shared_data, monkeypatch):
+  from egrc_jax.trainer import batch as batch_lib
+
+  real = batch_lib.advantages
+  monkeypatch.setattr(batch_lib, "advantages",
+                      lambda stage, rewards: (real(stage, rewards)[0] * np.nan,
+                                              np.ones_like(rewards.total_PG, bool)))
+  c = tiny("optim.max_bad_steps=2,compress.steps=5", shared_data)
+  trainer = Trainer(c, str(tmp_path))
+  from flax import nnx
+
+  before = jax.tree.map(np.array, nnx.state(trainer.model, nnx.Param))
+  with pytest.raises(NonFiniteError, match="2 consecutive non-finite"):
+    trainer.run()
+  after = jax.tree.map(np.array, nnx.state(trainer.model, nnx.Param))
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  _, events = read_metrics(tmp_path)
+  assert sum("update skipped" in e["event"] for e in events) == 2
+
+
+def test_unknown_key_and_arm_are_refused():
+  with pytest.raises(KeyError, match="unknown config key 'compress.rr'"):
+    tiny("compress.rr=0.3")
+  with pytest.raises(ValueError, match="arm='fast' does not exist"):
+    tiny("arm=fast")
+  with pytest.raises(ValueError, match="is not key=value"):
+    tiny("arm")
+
+
+def test_checkpoint_of_another_model_shape_is_refused(tmp_path, shared_data):
+  Trainer(tiny("run_steps=1", shared_data), str(tmp_path)).run()
+  ckpt_dir = tmp_path / "checkpoints"
+  before = sorted((p.name, p.stat().st_mtime_ns) for p in ckpt_dir.rglob("*"))
+  with pytest.raises(CheckpointError, match="different model.*hidden_size: checkpoint 64 vs run 32"):
+    Trainer(tiny("model.hidden_size=32", shared_data), str(tmp_path)).run()
+  assert sorted((p.name, p.stat().st_mtime_ns) for p in ckpt_dir.rglob("*")) == before
+
+
+def test_unwritable_workdir_is_refused(tmp_path, shared_data):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  with pytest.raises(CheckpointError, match="is not writable"):
+    Trainer(tiny("", shared_data), str(blocker / "run"))
