@@ -38,8 +38,9 @@ def main(argv):
 
 
 def run():
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      stream=sys.stdout)
+  logging.basicConfig(
+    level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout
+  )
   app.run(main)
 
 

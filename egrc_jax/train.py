@@ -102,7 +102,10 @@ def _micro_loss(params, graphdef, mb: Batch, temperature, loss_cfg: losses.LossC
   model = nnx.merge(graphdef, params)
   hidden = completion_hidden(model, mb)
   logp, entropy = losses.token_logprobs_and_entropy(
-    hidden, model.lm_head_weight(), mb.targets_BC, temperature=temperature,
+    hidden,
+    model.lm_head_weight(),
+    mb.targets_BC,
+    temperature=temperature,
     chunk_size=loss_cfg.vocab_chunk,
   )
   ref = mb.ref_logp_BC if loss_cfg.kl_kind is not None else None
@@ -191,7 +194,10 @@ def init_state_sharded(model: Transformer, tx, mesh: Mesh | None):
   rep = NamedSharding(mesh, P())
   params_sh = jax.tree.map(lambda x: x.sharding, params)
   opt_sh = optax.tree_map_params(
-    tx, lambda _, sh: sh, jax.eval_shape(tx.init, params), params_sh,
+    tx,
+    lambda _, sh: sh,
+    jax.eval_shape(tx.init, params),
+    params_sh,
     transform_non_params=lambda _: rep,
   )
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
@@ -205,7 +211,10 @@ def reference_logprobs(graphdef, ref_params, batch: Batch, temperature, vocab_ch
   model = nnx.merge(graphdef, ref_params)
   hidden = completion_hidden(model, batch)
   logp, _ = losses.token_logprobs_and_entropy(
-    hidden, model.lm_head_weight(), batch.targets_BC, temperature=temperature,
+    hidden,
+    model.lm_head_weight(),
+    batch.targets_BC,
+    temperature=temperature,
     chunk_size=vocab_chunk,
   )
   return logp

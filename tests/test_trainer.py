@@ -48,8 +48,16 @@ def test_each_arm_runs_with_finite_metrics(arm, tmp_path, shared_data):
   n_stages = 2 if arm in ("egrc", "reverse") else 1
   assert result["global_step"] == len(steps) == 2 * n_stages
   for row in steps:
-    for key in ("loss", "grad_norm", "entropy/mean", "reward/total", "length/mean",
-                "loss/clip_frac", "time/rollout", "time/update"):
+    for key in (
+      "loss",
+      "grad_norm",
+      "entropy/mean",
+      "reward/total",
+      "length/mean",
+      "loss/clip_frac",
+      "time/rollout",
+      "time/update",
+    ):
       assert np.isfinite(row[key]), (arm, key, row[key])
     assert row["finite"]
   begins = [e for e in events if e["event"].endswith("begins")]
@@ -77,8 +85,7 @@ def test_entropy_switch_rule():
 
 def test_entropy_triggered_switch_is_logged(tmp_path, shared_data):
   # A random tiny model's entropy is flat, so the switch fires at min_steps.
-  c = tiny("switch.mode=entropy,switch.window=1,switch.min_steps=2,compress.steps=5",
-           shared_data)
+  c = tiny("switch.mode=entropy,switch.window=1,switch.min_steps=2,compress.steps=5", shared_data)
   result = Trainer(c, str(tmp_path)).run()
   _, events = read_metrics(tmp_path)
   assert any("entropy stopped descending" in e["event"] for e in events)
@@ -140,9 +147,11 @@ def test_non_finite_updates_are_skipped_then_stop(tmp_path, shared_data, monkeyp
   from egrc_jax.trainer import batch as batch_lib
 
   real = batch_lib.advantages
-  monkeypatch.setattr(batch_lib, "advantages",
-                      lambda stage, rewards: (real(stage, rewards)[0] * np.nan,
-                                              np.ones_like(rewards.total_PG, bool)))
+  monkeypatch.setattr(
+    batch_lib,
+    "advantages",
+    lambda stage, rewards: (real(stage, rewards)[0] * np.nan, np.ones_like(rewards.total_PG, bool)),
+  )
   c = tiny("optim.max_bad_steps=2,compress.steps=5", shared_data)
   trainer = Trainer(c, str(tmp_path))
   from flax import nnx
@@ -170,7 +179,9 @@ def test_checkpoint_of_another_model_shape_is_refused(tmp_path, shared_data):
   Trainer(tiny("run_steps=1", shared_data), str(tmp_path)).run()
   ckpt_dir = tmp_path / "checkpoints"
   before = sorted((p.name, p.stat().st_mtime_ns) for p in ckpt_dir.rglob("*"))
-  with pytest.raises(CheckpointError, match="different model.*hidden_size: checkpoint 64 vs run 32"):
+  with pytest.raises(
+    CheckpointError, match="different model.*hidden_size: checkpoint 64 vs run 32"
+  ):
     Trainer(tiny("model.hidden_size=32", shared_data), str(tmp_path)).run()
   assert sorted((p.name, p.stat().st_mtime_ns) for p in ckpt_dir.rglob("*")) == before
 
@@ -180,3 +191,13 @@ def test_unwritable_workdir_is_refused(tmp_path, shared_data):
   blocker.write_text("not a directory")
   with pytest.raises(CheckpointError, match="is not writable"):
     Trainer(tiny("", shared_data), str(blocker / "run"))
+
+
+def test_docs_list_every_config_key():
+  assert config_lib.doc_table() in (ROOT / "docs" / "config.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["tiny", "r1_distill_1p5b", "r1_distill_7b"])
+def test_config_files_load(name):
+  c = config_lib.load_config_file(str(ROOT / "configs" / f"{name}.py"), "arm=ee")
+  assert c.arm == "ee" and c.model.preset in ("tiny", name)

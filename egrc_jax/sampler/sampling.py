@@ -30,26 +30,30 @@ def top_p_filter(logits_BV: jax.Array, top_p: float) -> jax.Array:
 
   With p = softmax(logits) and g(c) = sum_v p_v [p_v >= c], the kept set is {v : p_v >= c*},
   c* = max{c : g(c) >= top_p}. g is monotone in c and non-negative floats order like their
-  int32 bit patterns, so 32 bisection steps over the bits find c* exactly (no sort). This is
-  the HF rule "drop tokens whose ascending cumulative mass is <= 1 - top_p", except that
-  tokens tied with the threshold are all kept.
+  int32 bit patterns, so bisection over the bits finds c* exactly (no sort; at most 31
+  passes over [B, V]). It starts at c = (1 - top_p) / V: the tokens below it hold less than
+  1 - top_p in total, so they are always dropped. This is the HF rule "drop tokens whose
+  ascending cumulative mass is <= 1 - top_p", except that ties with c* are all kept.
   """
   if top_p >= 1.0:
     return logits_BV
+  B, V = logits_BV.shape
   probs_BV = jax.nn.softmax(logits_BV, axis=-1)
-  bits_BV = jax.lax.bitcast_convert_type(probs_BV, jnp.int32)
-  lo_B = jnp.zeros(bits_BV.shape[:1], jnp.int32)  # g(lo) >= top_p
-  hi_B = jnp.max(bits_BV, axis=-1) + 1  # g(hi) = 0 < top_p
+  as_f32 = lambda i: jax.lax.bitcast_convert_type(i, jnp.float32)
+  floor = jnp.asarray((1.0 - top_p) / V, jnp.float32)
+  lo_B = jnp.full((B,), jax.lax.bitcast_convert_type(floor, jnp.int32))  # g(lo) >= top_p
+  hi_B = jax.lax.bitcast_convert_type(jnp.max(probs_BV, axis=-1), jnp.int32) + 1  # g(hi) = 0
+  lo_B = jnp.minimum(lo_B, hi_B - 1)
 
-  def body(_, lo_hi):
+  def body(lo_hi):
     lo_B, hi_B = lo_hi
     mid_B = lo_B + (hi_B - lo_B) // 2
-    mass_B = jnp.sum(jnp.where(bits_BV >= mid_B[:, None], probs_BV, 0.0), axis=-1)
-    ok_B = mass_B >= top_p
+    kept_BV = probs_BV >= as_f32(mid_B)[:, None]
+    ok_B = jnp.sum(jnp.where(kept_BV, probs_BV, 0.0), axis=-1) >= top_p
     return jnp.where(ok_B, mid_B, lo_B), jnp.where(ok_B, hi_B, mid_B)
 
-  lo_B, _ = jax.lax.fori_loop(0, 32, body, (lo_B, hi_B))
-  return jnp.where(bits_BV >= lo_B[:, None], logits_BV, -jnp.inf)
+  lo_B, _ = jax.lax.while_loop(lambda c: jnp.any(c[1] - c[0] > 1), body, (lo_B, hi_B))
+  return jnp.where(probs_BV >= as_f32(lo_B)[:, None], logits_BV, -jnp.inf)
 
 
 def sampling_logits(logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
@@ -87,6 +91,15 @@ def inverse_cdf_sample(probs_BV: jax.Array, u_B: jax.Array) -> jax.Array:
   return (blk_B * _BLOCK + jnp.clip(idx_B, 0, _BLOCK - 1)).astype(jnp.int32)
 
 
+def argmax(logits_BV: jax.Array) -> jax.Array:
+  """jnp.argmax over the last axis (first index of the max) as two plain reductions: 4x
+  faster on CPU than XLA's variadic (value, index) reduce."""
+  V = logits_BV.shape[-1]
+  max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+  hit_BV = logits_BV == max_B1
+  return jnp.min(jnp.where(hit_BV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+
+
 def token_stats(logits_BV: jax.Array, tokens_B: jax.Array, cfg: SamplingConfig):
   """Statistics of chosen tokens under one step's float32 logits.
 
@@ -116,7 +129,7 @@ def sample_step(logits_BV: jax.Array, keys_B: jax.Array, cfg: SamplingConfig):
   entropy_B = -jnp.sum(jnp.exp(logp_BV) * logp_BV, axis=-1)
   take = lambda x_BV, t_B: jnp.take_along_axis(x_BV, t_B[:, None], axis=-1)[:, 0]
   if cfg.greedy:
-    tokens_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    tokens_B = argmax(logits_BV)
     policy_B = take(logp_BV, tokens_B)
     return tokens_B, jnp.zeros_like(policy_B), policy_B, entropy_B
   logq_BV = jax.nn.log_softmax(sampling_logits(logits_BV, cfg), axis=-1)

@@ -1,6 +1,6 @@
 """SFT warm start on the toy task: a small Qwen2-family model learns verbose reasoning.
 
-    python -m egrc_jax.toy.sft --workdir /tmp/toy_sft [--steps 600 --seed 0]
+    python -m egrc_jax.toy.sft --workdir /tmp/toy_sft [--steps N --seed S]
 
 writes DIR/tokenizer/ (the toy tokenizer), DIR/data/ (train/test JSONL), DIR/sft/ (the model)
 and DIR/sft_metrics.json, and prints the test accuracy and mean response length.
@@ -249,7 +249,9 @@ def main(argv=None) -> dict:
     f"test accuracy {metrics['accuracy']:.3f}  mean length {metrics['mean_length']:.1f}"
     f" tokens (concise reference {metrics['concise_length']:.1f}, ratio"
     f" {metrics['length_ratio_to_concise']:.2f})  connector share"
-    f" {metrics['connector_share']:.3f}  truncated {metrics['truncated']:.3f}"
+    f" {metrics['connector_share']:.3f}  entropy at connectors"
+    f" {metrics['entropy_at_connectors']:.3f} / elsewhere {metrics['entropy_elsewhere']:.3f}"
+    f"  truncated {metrics['truncated']:.3f}"
   )
   return metrics
 

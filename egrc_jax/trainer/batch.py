@@ -57,8 +57,11 @@ def make_batch(
   )
   # Entropy selection uses the behaviour policy's entropy, fixed for the whole batch.
   select = losses.selection_factor(
-    loss_cfg.entropy_select, np.asarray(rollout.entropy_BC), cmask & keep_B[:, None],
-    loss_cfg.rho, loss_cfg.high_entropy_weight,
+    loss_cfg.entropy_select,
+    np.asarray(rollout.entropy_BC),
+    cmask & keep_B[:, None],
+    loss_cfg.rho,
+    loss_cfg.high_entropy_weight,
   )
   adv_BC = np.broadcast_to(adv_PG.reshape(-1, 1), comp.shape).astype(np.float32)
   return Batch(

@@ -39,8 +39,9 @@ def check_writable(workdir: str) -> None:
 
 class Checkpointer:
   def __init__(self, workdir: str, keep: int):
-    directory = os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir,
-                             "checkpoints")
+    directory = os.path.join(
+      os.path.abspath(workdir) if "://" not in workdir else workdir, "checkpoints"
+    )
     self.manager = ocp.CheckpointManager(
       directory,
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
@@ -71,8 +72,18 @@ class Checkpointer:
     meta = self.restore_meta(step)
     saved = meta.get("model_config", {})
     mine = json_model_config(model_cfg)
-    shape_keys = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                  "num_kv_heads", "head_dim", "tie_embeddings", "qkv_bias", "qk_norm")
+    shape_keys = (
+      "vocab_size",
+      "hidden_size",
+      "intermediate_size",
+      "num_layers",
+      "num_heads",
+      "num_kv_heads",
+      "head_dim",
+      "tie_embeddings",
+      "qkv_bias",
+      "qk_norm",
+    )
     diff = {k: (saved.get(k), mine[k]) for k in shape_keys if saved.get(k) != mine[k]}
     if diff:
       detail = ", ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in diff.items())
@@ -86,9 +97,7 @@ class Checkpointer:
     )
     out = self.manager.restore(
       step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-      ),
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
     )
     return out["state"], out["meta"]
 

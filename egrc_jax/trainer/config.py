@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from egrc_jax.data.chat import INSTRUCTION
+
+CONNECTORS = ("wait", "but", "so", "therefore", "alternatively", "hmm", "verify")
+
 ARMS = (
   "egrc",  # compress, then enhance from the compressed params [paper]
   "compress",  # stage 1 only
@@ -40,9 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # -- mesh -----------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = 1
+  c.mesh.data = 1  # pure data parallelism (rows); params replicated across it
   c.mesh.fsdp = -1  # -1: all remaining devices
-  c.mesh.tensor = 1
+  c.mesh.tensor = 1  # tensor parallelism: heads, MLP width and vocab split
 
   # -- data -----------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
@@ -51,28 +55,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_source = ""  # or any JSONL/Parquet/array_record dir/"hf:<name>" source
   c.data.train_gold_rule = "math_train"  # gold-answer rule of train_source
   c.data.eval_benchmark = "math500"  # held-out prompts for periodic / stage-end evaluation
-  c.data.eval_source = ""
-  c.data.eval_gold_rule = "math500"
+  c.data.eval_source = ""  # or any source, as train_source
+  c.data.eval_gold_rule = "math500"  # gold-answer rule of eval_source
   c.data.prompts_per_step = 8  # P: prompts per RL step (global, over all processes)
   c.data.max_prompt_tokens = 512  # longer prompts are filtered out (and counted)
-  c.data.shuffle = True
-  c.data.on_bad_row = "error"  # error | skip
-  c.data.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
-  c.data.system_prompt = ""
+  c.data.shuffle = True  # shuffle the training prompts (seeded by seed; reshuffled per epoch)
+  c.data.on_bad_row = "skip"  # skip (reported with file and line) | error
+  c.data.instruction = INSTRUCTION  # appended to each problem (the field's standard wording)
+  c.data.system_prompt = ""  # optional system message of the chat template
 
   # -- rollout --------------------------------------------------------------------------
   c.rollout = ml_collections.ConfigDict()
   c.rollout.num_samples = 8  # G: responses per prompt
   c.rollout.max_new_tokens = 1024  # L: the length limit (length clipping at L)
-  c.rollout.top_p = 1.0
-  c.rollout.top_k = 0
-  c.rollout.prompt_buckets = (64, 128, 256, 512, 1024)
+  c.rollout.top_p = 1.0  # nucleus filter of training rollouts (1.0 keeps the PPO ratio exact)
+  c.rollout.top_k = 0  # top-k filter of training rollouts (0 = off)
+  c.rollout.prompt_buckets = (64, 128, 256, 512, 1024)  # compiled prompt lengths
 
   # -- grading --------------------------------------------------------------------------
   c.grading = ml_collections.ConfigDict()
   c.grading.mode = "math"  # math (math-verify in a process pool) | exact (integer answers, toy)
-  c.grading.workers = 2
-  c.grading.timeout_s = 5.0
+  c.grading.workers = 2  # grading processes (spawned; each answer has a hard timeout)
+  c.grading.timeout_s = 5.0  # per-answer limit; a timed-out answer counts as wrong
 
   # -- stage 1: compression -------------------------------------------------------------
   c.compress = ml_collections.ConfigDict()
@@ -96,9 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   # -- one-stage arms -------------------------------------------------------------------
   c.single = ml_collections.ConfigDict()
   c.single.steps = 200  # steps of ee / grpo / baseline arms
-  c.single.temperature = 0.6
+  c.single.temperature = 0.6  # sampling temperature of one-stage arms
   c.single.w_len = 0.5  # EE: R = c + w*c*f(|y|)
-  c.single.r = 0.5
+  c.single.r = 0.5  # f(L) = r of the EE length term
   c.single.reward = "thinkprune"  # baseline arm: rewards.RewardConfig name
   c.single.l1_alpha = 0.0003  # L1-Exact / L1-Max alpha
   c.single.az_alpha = 0.1  # Arora & Zanette alpha
@@ -114,12 +118,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   # -- loss -----------------------------------------------------------------------------
   c.loss = ml_collections.ConfigDict()
-  c.loss.eps_low = 0.2
+  c.loss.eps_low = 0.2  # PPO clip: ratio floor 1 - eps_low [ours: 0.2]
   c.loss.eps_high = 0.2  # clip-higher when > eps_low
   c.loss.dual_clip_c = 0.0  # 0 = off; else the dual-clip constant (> 1)
   c.loss.kl_kind = "none"  # none | k1 | k2 | k3
-  c.loss.kl_coef = 0.0
-  c.loss.entropy_coef = 0.0
+  c.loss.kl_coef = 0.0  # weight of the KL term (needs kl_kind)
+  c.loss.entropy_coef = 0.0  # entropy bonus weight
   c.loss.agg_mode = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
   c.loss.entropy_select = "off"  # off | restrict | reweight (top-rho entropy tokens)
   c.loss.rho = 0.2  # high-entropy quantile for selection and diagnostics
@@ -128,13 +132,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   # -- optimisation ---------------------------------------------------------------------
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-6
-  c.optim.warmup_steps = 10
+  c.optim.lr = 1e-6  # peak learning rate (AdamW)
+  c.optim.warmup_steps = 10  # linear warmup steps at the start of each stage
   c.optim.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
-  c.optim.weight_decay = 0.01
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.clip_norm = 1.0
+  c.optim.weight_decay = 0.01  # decoupled weight decay
+  c.optim.b1 = 0.9  # Adam beta1
+  c.optim.b2 = 0.999  # Adam beta2
+  c.optim.clip_norm = 1.0  # global gradient-norm clip
   c.optim.ppo_epochs = 1  # passes over each rollout batch
   c.optim.micro_batch_rows = 0  # rows per gradient micro-batch; 0 = the whole batch
   c.optim.max_bad_steps = 3  # consecutive non-finite steps before the run stops
@@ -142,22 +146,21 @@ def base_config() -> ml_collections.ConfigDict:
   # -- checkpoint / logging / eval ------------------------------------------------------
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 50  # steps; also saved at each stage end and on SIGTERM
-  c.checkpoint.keep = 2
+  c.checkpoint.keep = 2  # checkpoints kept (older ones deleted)
 
   c.log = ml_collections.ConfigDict()
-  c.log.every = 1
-  c.log.tensorboard = True
-  c.log.connectors = ("wait", "but", "so", "therefore", "alternatively", "hmm", "verify")
+  c.log.tensorboard = True  # also write TensorBoard events to <workdir>/tb
+  c.log.connectors = CONNECTORS  # connector words for the entropy diagnostics
 
   c.export = ml_collections.ConfigDict()
   c.export.hf = True  # write <workdir>/hf_final (HF format + tokenizer) at the end of the run
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0  # steps; 0 = only at the end of each stage
-  c.eval.num_prompts = 64
-  c.eval.num_samples = 1
-  c.eval.temperature = 0.6
-  c.eval.top_p = 0.95
+  c.eval.num_prompts = 64  # held-out prompts per evaluation (0 = no evaluation)
+  c.eval.num_samples = 1  # samples per evaluation prompt
+  c.eval.temperature = 0.6  # evaluation sampling temperature
+  c.eval.top_p = 0.95  # evaluation nucleus filter
   return c
 
 
@@ -254,3 +257,25 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def doc_table() -> str:
+  """docs/config.md's key table, from the `c.key = value  # comment` lines above."""
+  import inspect
+  import re
+
+  rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+  section = ""
+  for line in inspect.getsource(base_config).splitlines():
+    if m := re.match(r"\s*# -- (.*?) -+$", line):
+      section = m.group(1)
+      rows.append(f"| **{section}** | | |")
+    m = re.match(r"\s*c\.([\w.]+) = (.*?)(?:\s+# (.*))?$", line)
+    if m and "ConfigDict()" not in m.group(2):
+      key, default, meaning = m.group(1), m.group(2), m.group(3) or ""
+      rows.append(f"| `{key}` | `{default}` | {meaning.replace('|', '/')} |")
+  return "\n".join(rows)
+
+
+if __name__ == "__main__":
+  print(doc_table())

@@ -77,8 +77,9 @@ class Trainer:
     self._stop = False
 
   # -- helpers ------------------------------------------------------------------------
-  def sampling_config(self, temperature: float, top_p: float | None = None,
-                      max_new_tokens: int | None = None) -> sampler.SamplingConfig:
+  def sampling_config(
+    self, temperature: float, top_p: float | None = None, max_new_tokens: int | None = None
+  ) -> sampler.SamplingConfig:
     c = self.config
     return sampler.SamplingConfig(
       temperature=temperature,
@@ -92,9 +93,16 @@ class Trainer:
 
   def _optim_config(self, stage: Stage) -> OptimConfig:
     o = self.config.optim
-    return OptimConfig(lr=o.lr, warmup_steps=o.warmup_steps, total_steps=stage.steps,
-                       min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, b1=o.b1,
-                       b2=o.b2, clip_norm=o.clip_norm)
+    return OptimConfig(
+      lr=o.lr,
+      warmup_steps=o.warmup_steps,
+      total_steps=stage.steps,
+      min_lr_ratio=o.min_lr_ratio,
+      weight_decay=o.weight_decay,
+      b1=o.b1,
+      b2=o.b2,
+      clip_norm=o.clip_norm,
+    )
 
   def _lr(self, stage: Stage, step: int) -> float:
     return lr_schedule(self._optim_config(stage))(step)
@@ -128,7 +136,10 @@ class Trainer:
     rewards = compute_rewards(rcfg, correct.reshape(P, G), lengths_PG, trunc_PG)
     adv_PG, keep_PG = batch_lib.advantages(stage, rewards)
     batch = batch_lib.make_batch(
-      rollout, adv_PG, keep_PG, self.loss_cfg,
+      rollout,
+      adv_PG,
+      keep_PG,
+      self.loss_cfg,
       excluded_in_denominator=stage.excluded_in_denominator,
     )
     ref_time = 0.0
@@ -145,8 +156,9 @@ class Trainer:
     t4 = time.time()
     metrics = {k: float(v) for k, v in m.items()}
     metrics.update(rewards.metrics())
-    metrics.update(diagnostics.rollout_metrics(rollout, correct, self.connector_ids,
-                                               self.loss_cfg.rho))
+    metrics.update(
+      diagnostics.rollout_metrics(rollout, correct, self.connector_ids, self.loss_cfg.rho)
+    )
     metrics.update(
       {
         "stage": stage.name,
@@ -167,8 +179,9 @@ class Trainer:
   def _ref_logp(self, batch, temperature):
     if not hasattr(self, "_ref_fn"):
       self._ref_fn = jax.jit(reference_logprobs, static_argnums=(0, 4))
-    return self._ref_fn(self.graphdef, self.ref_params, batch, temperature,
-                        self.loss_cfg.vocab_chunk)
+    return self._ref_fn(
+      self.graphdef, self.ref_params, batch, temperature, self.loss_cfg.vocab_chunk
+    )
 
   # -- evaluation ---------------------------------------------------------------------
   def evaluate(self, params, tag: str) -> dict:
@@ -179,10 +192,16 @@ class Trainer:
     examples = self.eval_data.all()[: c.eval.num_prompts]
     n = c.eval.num_samples
     scfg = self.sampling_config(c.eval.temperature, top_p=c.eval.top_p)
-    rollout = jax.device_get(sampler.generate(
-      self.model, [e["prompt_ids"] for e in examples], scfg, num_samples=n,
-      seed=_seed(c.seed, "eval"), mesh=self.mesh,
-    ))
+    rollout = jax.device_get(
+      sampler.generate(
+        self.model,
+        [e["prompt_ids"] for e in examples],
+        scfg,
+        num_samples=n,
+        seed=_seed(c.seed, "eval"),
+        mesh=self.mesh,
+      )
+    )
     texts = sampler.decode_texts(rollout, self.tokenizer)
     correct = np.asarray(self.grader.grade(texts, [e["gold"] for e in examples for _ in range(n)]))
     lengths = np.asarray(rollout.lengths_B)
@@ -234,7 +253,9 @@ class Trainer:
           f"{meta.get('stage_names')}, not {[s.name for s in self.stages]}; use a fresh workdir"
         )
       global_step, stage_index, stage_step = (
-        meta["global_step"], meta["stage_index"], meta["stage_step"]
+        meta["global_step"],
+        meta["stage_index"],
+        meta["stage_step"],
       )
       self.switch_steps = list(meta.get("switch_steps", []))
       switch_state = meta.get("switch_state")
@@ -261,19 +282,31 @@ class Trainer:
           state, state_sh = init_state_sharded(self.model, tx, self.mesh)
       if train_step is None:
         train_step = make_train_step(
-          self.graphdef, tx, self.loss_cfg,
+          self.graphdef,
+          tx,
+          self.loss_cfg,
           micro_batches=rows // (c.optim.micro_batch_rows or rows),
-          ppo_epochs=c.optim.ppo_epochs, mesh=self.mesh, state_sharding=state_sh,
+          ppo_epochs=c.optim.ppo_epochs,
+          mesh=self.mesh,
+          state_sharding=state_sh,
         )
       switch = None
-      if stage.name == "compress" and stage_index < len(self.stages) - 1 and (
-        c.switch.mode == "entropy"
+      if (
+        stage.name == "compress"
+        and stage_index < len(self.stages) - 1
+        and (c.switch.mode == "entropy")
       ):
-        switch = EntropySwitch.from_state(c.switch.window, c.switch.min_drop, c.switch.min_steps,
-                                          switch_state)
+        switch = EntropySwitch.from_state(
+          c.switch.window, c.switch.min_drop, c.switch.min_steps, switch_state
+        )
       if stage_step == 0:
-        self.writer.event(global_step, f"stage {stage.name} begins", temperature=stage.temperature,
-                          reward=stage.reward, advantage=stage.advantage)
+        self.writer.event(
+          global_step,
+          f"stage {stage.name} begins",
+          temperature=stage.temperature,
+          reward=stage.reward,
+          advantage=stage.advantage,
+        )
       end_stage = stage_step >= stage.steps
       while not end_stage:
         state, metrics = self.rl_step(stage, state, train_step, global_step)
@@ -281,8 +314,9 @@ class Trainer:
         stage_step += 1
         if not metrics["finite"]:
           bad_steps += 1
-          self.writer.event(global_step, "non-finite loss or gradient: update skipped",
-                            consecutive=bad_steps)
+          self.writer.event(
+            global_step, "non-finite loss or gradient: update skipped", consecutive=bad_steps
+          )
           if bad_steps >= c.optim.max_bad_steps:
             raise NonFiniteError(
               f"{bad_steps} consecutive non-finite updates (last at step {global_step}); params "
@@ -295,8 +329,9 @@ class Trainer:
         if switch is not None and switch.update(metrics["entropy/mean"]) and not end_stage:
           end_stage = True
           self.switch_steps.append(global_step)
-          self.writer.event(global_step, "entropy stopped descending: switching stage",
-                            stage_step=stage_step)
+          self.writer.event(
+            global_step, "entropy stopped descending: switching stage", stage_step=stage_step
+          )
         if c.eval.every and global_step % c.eval.every == 0:
           metrics.update(self.evaluate(state.params, "periodic"))
         self.writer.write(global_step, metrics)
@@ -305,8 +340,9 @@ class Trainer:
         if end_stage:
           break  # the stage-end checkpoint below also serves a stop request
         if self._stop or (c.checkpoint.every and global_step % c.checkpoint.every == 0):
-          self.ckpt.save(global_step, state,
-                         self._meta(global_step, stage_index, stage_step, switch))
+          self.ckpt.save(
+            global_step, state, self._meta(global_step, stage_index, stage_step, switch)
+          )
           if self._stop:
             self.writer.event(global_step, "stopping early: checkpoint saved; re-run to resume")
             return {"preempted": True, "global_step": global_step}
@@ -326,5 +362,3 @@ class Trainer:
     results["global_step"] = global_step
     self.writer.event(global_step, "run finished", switch_steps=self.switch_steps)
     return results
-
-

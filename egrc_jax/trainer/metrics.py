@@ -58,8 +58,11 @@ class MetricsWriter:
     bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
     parts = [_fmt(fmt, m[k]) for k, fmt in _CONSOLE_KEYS if k in m and m[k] is not None]
     eta = (time.time() - self.t0) / max(done, 1e-9) * (1 - done) if done > 0 else 0
-    print(f"[{bar}] {step}/{self.total} " + " ".join(parts) + f" eta {eta:.0f}s", flush=True,
-          file=sys.stdout)
+    print(
+      f"[{bar}] {step}/{self.total} " + " ".join(parts) + f" eta {eta:.0f}s",
+      flush=True,
+      file=sys.stdout,
+    )
 
   def event(self, step: int, message: str, **fields) -> None:
     """A non-metric event (stage switch, skipped update, checkpoint) in the log and console."""

@@ -39,8 +39,9 @@ def load_tokenizer(c):
 
 def load_policy(c, mesh):
   """(ModelConfig, sharded Transformer) from model.hf_path, or a random-init preset."""
-  overrides = {k: v for k, v in (("dtype", c.model.dtype), ("param_dtype", c.model.param_dtype))
-               if v}
+  overrides = {
+    k: v for k, v in (("dtype", c.model.dtype), ("param_dtype", c.model.param_dtype)) if v
+  }
   if c.model.hf_path:
     cfg, model = hf.load_model(c.model.hf_path, mesh=mesh, **overrides)
   else:
@@ -148,8 +149,12 @@ def train_prompts(c, tokenizer) -> PromptStream:
   d = c.data
   cfg = _data_config(c, d.train_benchmark, d.train_source, d.train_gold_rule, d.shuffle)
   pipeline = PromptPipeline(cfg, tokenizer)
-  log.info("training prompts: %d (filtered %d long, %d bad rows)", pipeline.num_examples,
-           pipeline.num_filtered, pipeline.num_bad_rows)
+  log.info(
+    "training prompts: %d (filtered %d long, %d bad rows)",
+    pipeline.num_examples,
+    pipeline.num_filtered,
+    pipeline.num_bad_rows,
+  )
   return PromptStream(pipeline)
 
 
@@ -172,8 +177,9 @@ class Grader:
   """Response texts -> correctness, by extracting the final answer and grading it."""
 
   def __init__(self, c):
-    self.pool = GraderPool(num_workers=c.grading.workers, timeout_s=c.grading.timeout_s,
-                           mode=c.grading.mode)
+    self.pool = GraderPool(
+      num_workers=c.grading.workers, timeout_s=c.grading.timeout_s, mode=c.grading.mode
+    )
 
   def grade(self, texts: list[str], golds: list[str]) -> list[bool]:
     return self.pool.grade([extract_answer(t) for t in texts], golds)
@@ -184,7 +190,6 @@ class Grader:
 
 def make_grader(c) -> Grader:
   return Grader(c)
-
 
 
 BYTE_TOKENIZER = "bytes"  # model.tokenizer_path value for the built-in byte-level tokenizer

@@ -81,8 +81,14 @@ def stages_for(c: ml_collections.ConfigDict) -> list[Stage]:
     "grpo": lambda: [_single(c, "grpo", "accuracy")],
     "baseline": lambda: [
       _single(
-        c, "baseline", s.reward, r=s.r, l1_alpha=s.l1_alpha, az_alpha=s.az_alpha,
-        n_target=s.n_target, buffer=s.buffer,
+        c,
+        "baseline",
+        s.reward,
+        r=s.r,
+        l1_alpha=s.l1_alpha,
+        az_alpha=s.az_alpha,
+        n_target=s.n_target,
+        buffer=s.buffer,
       )
     ],
   }
