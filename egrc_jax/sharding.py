@@ -41,9 +41,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
       f"mesh shape data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} = {math.prod(shape)}"
       f" devices, but {len(devices)} are available; set mesh.* so the product matches"
     )
-  return jax.make_mesh(
-    tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
-  )
+  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def variable_spec(var: nnx.Variable, mesh: Mesh, rules=RULES) -> P:
@@ -102,3 +100,40 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def count_params(state: nnx.State) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
+
+
+# -- host <-> global arrays (one process or many) ------------------------------------------
+#
+# Multi-host convention: every process holds the same host value of the small per-step
+# arrays (prompts, the learner's batch); `jax.device_put` of that value with a global
+# sharding gives each process its own devices' slices. Results come back with `to_host`,
+# which gathers across processes when an array spans several.
+
+
+def to_host(tree):
+  """Numpy copies of every array of `tree`, gathered from all processes when needed."""
+  from jax.experimental import multihost_utils
+
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(get, tree)
+
+
+def process_rows(n: int) -> slice:
+  """The contiguous rows [i n/p, (i+1) n/p) that process i handles on the host."""
+  p, i = jax.process_count(), jax.process_index()
+  if n % p:
+    raise ValueError(f"{n} rows do not split evenly over {p} processes")
+  return slice(i * n // p, (i + 1) * n // p)
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+  """Concatenate every process's `local` rows in process order (identity for one process)."""
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(local, tiled=True))

@@ -182,3 +182,16 @@ def test_save_load_round_trip(trained, tok_dir, tmp_path, splits):
   np.testing.assert_array_equal(
     np.asarray(model(ids, pos, mask)), np.asarray(loaded(ids, pos, mask))
   )
+
+
+def test_sft_batch_masks_only_response_targets(splits, tokenizer):
+  examples = T.sft_examples(splits[0][:5], T.CotConfig(), seed=0)
+  seqs, prompt_lens = sft_lib.tokenize_examples(tokenizer, examples)
+  batch = sft_lib.make_batch(seqs, prompt_lens, [0, 1, 2, 3, 4], tokenizer.pad_token_id, 32)
+  assert batch["tokens_BT"].shape[1] % 32 == 0
+  for r, (seq, p) in enumerate(zip(seqs, prompt_lens, strict=True)):
+    targets = batch["tokens_BT"][r, 1:][batch["loss_BT"][r, :-1] > 0]
+    # Exactly the response (reasoning, boxed answer, <eos>) is predicted; no prompt, no pad.
+    np.testing.assert_array_equal(targets, seq[p:])
+    assert targets[-1] == tokenizer.eos_token_id
+    assert batch["mask_BT"][r].sum() == len(seq)

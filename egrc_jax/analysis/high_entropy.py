@@ -24,7 +24,7 @@ from egrc_jax.analysis import common, sampling
 def token_string(text: str) -> str:
   s = text.strip().lower()
   if s:
-    return s
+    return s if s.isprintable() else s.encode("unicode_escape").decode("ascii")
   return "\\n" if "\n" in text else "<sp>"
 
 

@@ -97,7 +97,8 @@ def argmax(logits_BV: jax.Array) -> jax.Array:
   V = logits_BV.shape[-1]
   max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
   hit_BV = logits_BV == max_B1
-  return jnp.min(jnp.where(hit_BV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+  first_B = jnp.min(jnp.where(hit_BV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+  return jnp.minimum(first_B, V - 1)  # NaN logits match nothing: stay inside the vocab
 
 
 def token_stats(logits_BV: jax.Array, tokens_B: jax.Array, cfg: SamplingConfig):

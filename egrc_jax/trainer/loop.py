@@ -22,6 +22,7 @@ from flax import nnx
 
 from egrc_jax import sampler
 from egrc_jax.rewards import RewardConfig, compute_rewards
+from egrc_jax.sharding import batch_sharding, gather_rows, process_rows, to_host
 from egrc_jax.train import (
   OptimConfig,
   init_state_sharded,
@@ -124,10 +125,9 @@ class Trainer:
     rollout = sampler.generate(
       self.model, prompts, scfg, num_samples=G, seed=_seed(c.seed, global_step), mesh=self.mesh
     )
-    rollout = jax.device_get(rollout)
+    rollout = to_host(rollout)
     t1 = time.time()
-    texts = sampler.decode_texts(rollout, self.tokenizer)
-    correct = np.asarray(self.grader.grade(texts, [g for g in golds for _ in range(G)]), bool)
+    correct = self._grade(rollout, [g for g in golds for _ in range(G)])
     t2 = time.time()
     P = len(prompts)
     lengths_PG = np.asarray(rollout.lengths_B).reshape(P, G)
@@ -150,9 +150,11 @@ class Trainer:
       ref_time = time.time() - tr
     t3 = time.time()
     lr = self._lr(stage, int(state.step))
+    if self.mesh is not None:
+      batch = jax.device_put(batch, batch_sharding(self.mesh))
     state, m = train_step(state, batch, jnp.float32(stage.temperature), jnp.float32(lr))
     nnx.update(self.model, state.params)  # the donated arrays are gone: point at the new ones
-    m = jax.device_get(m)
+    m = to_host(m)
     t4 = time.time()
     metrics = {k: float(v) for k, v in m.items()}
     metrics.update(rewards.metrics())
@@ -176,6 +178,13 @@ class Trainer:
     )
     return state, metrics
 
+  def _grade(self, rollout, golds: list[str]) -> np.ndarray:
+    """Each process grades its own rows; every process gets all verdicts."""
+    rows = process_rows(len(golds))
+    texts = sampler.decode_texts(jax.tree.map(lambda x: x[rows], rollout), self.tokenizer)
+    local = np.asarray(self.grader.grade(texts, golds[rows]), bool)
+    return gather_rows(local)
+
   def _ref_logp(self, batch, temperature):
     if not hasattr(self, "_ref_fn"):
       self._ref_fn = jax.jit(reference_logprobs, static_argnums=(0, 4))
@@ -192,7 +201,7 @@ class Trainer:
     examples = self.eval_data.all()[: c.eval.num_prompts]
     n = c.eval.num_samples
     scfg = self.sampling_config(c.eval.temperature, top_p=c.eval.top_p)
-    rollout = jax.device_get(
+    rollout = to_host(
       sampler.generate(
         self.model,
         [e["prompt_ids"] for e in examples],
@@ -202,8 +211,7 @@ class Trainer:
         mesh=self.mesh,
       )
     )
-    texts = sampler.decode_texts(rollout, self.tokenizer)
-    correct = np.asarray(self.grader.grade(texts, [e["gold"] for e in examples for _ in range(n)]))
+    correct = self._grade(rollout, [e["gold"] for e in examples for _ in range(n)])
     lengths = np.asarray(rollout.lengths_B)
     out = {
       f"eval/{tag}/accuracy": float(correct.mean()),

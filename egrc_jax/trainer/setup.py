@@ -109,6 +109,10 @@ def _data_config(c, benchmark, source, gold_rule, shuffle) -> DataConfig:
     on_bad_row=d.on_bad_row,
     instruction=d.instruction,
     system_prompt=d.system_prompt,
+    # Every process iterates the same global batches (prompts are small): the run is then
+    # the same for any process count, and each process grades only its own rows.
+    shard_index=0,
+    shard_count=1,
   )
 
 
