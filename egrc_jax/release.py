@@ -57,8 +57,10 @@ def model_card(name: str, run_config: dict | None, results: dict, table_md: str,
     "compression stage in which entropy descends, then an enhancement stage in which it "
     "ascends), trained with egrc_jax.", "",
     "## Usage", "", "```python",
-    "from transformers import AutoModelForCausalLM, AutoTokenizer",
-    f'tok = AutoTokenizer.from_pretrained("{name}")',
+    "from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast",
+    "# PreTrainedTokenizerFast reads tokenizer.json as saved (AutoTokenizer may substitute",
+    "# the model family's tokenizer class).",
+    f'tok = PreTrainedTokenizerFast.from_pretrained("{name}")',
     f'model = AutoModelForCausalLM.from_pretrained("{name}")',
     'msgs = [{"role": "user", "content": "What is 1 + 1?\\nPlease reason step by step, and put '
     'your final answer within \\\\boxed{}."}]',

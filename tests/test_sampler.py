@@ -71,8 +71,12 @@ def _hf_greedy(tm, prompts, max_new, eos, pad):
     ids[i, T - len(p) :], mask[i, T - len(p) :] = p, 1
   with torch.no_grad():
     out = tm.generate(
-      input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-      max_new_tokens=max_new, eos_token_id=eos, pad_token_id=pad,
+      input_ids=torch.tensor(ids),
+      attention_mask=torch.tensor(mask),
+      do_sample=False,
+      max_new_tokens=max_new,
+      eos_token_id=eos,
+      pad_token_id=pad,
     )
   return out[:, T:].numpy()
 
@@ -120,7 +124,11 @@ def _forward(model, tokens, positions, mask):
 def test_logprobs_and_entropy_match_teacher_forcing(pairs):
   _, model = pairs["qwen2"]
   cfg = SamplingConfig(
-    temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=10, stop_token_ids=(3, 4),
+    temperature=0.7,
+    top_k=20,
+    top_p=0.9,
+    max_new_tokens=10,
+    stop_token_ids=(3, 4),
     prompt_buckets=BUCKETS,
   )
   r = generate(model, PROMPTS, cfg, num_samples=3, seed=5)
@@ -260,7 +268,9 @@ def test_bad_config(kw, match):
 def test_bad_inputs(pairs, prompts, kw, match):
   _, model = pairs["qwen2"]
   cfg = SamplingConfig(
-    greedy=True, max_new_tokens=kw.pop("new", 4), stop_token_ids=kw.pop("stop", ()),
+    greedy=True,
+    max_new_tokens=kw.pop("new", 4),
+    stop_token_ids=kw.pop("stop", ()),
     prompt_buckets=BUCKETS,
   )
   with pytest.raises(ValueError, match=match):
@@ -275,4 +285,4 @@ def test_benchmark_tiny_writes_all_keys(tmp_path):
   result = json.loads(out.read_text())
   for key in bench.RESULT_KEYS:
     assert key in result, key
-  assert result["ours"]["greedy"]["batch_64"]["decode_tok_s"] > 0
+  assert result["ours"]["greedy"]["grouped"]["decode_tok_s"] > 0

@@ -175,6 +175,10 @@ def test_save_load_round_trip(trained, tok_dir, tmp_path, splits):
   save_sft(model, tok_dir, tmp_path / "sft")
   loaded, tok = load_sft(tmp_path / "sft")
   assert tok.get_vocab() == AutoTokenizer.from_pretrained(str(tok_dir)).get_vocab()
+  # Next to a qwen2 config.json, AutoTokenizer would swap in Qwen2's byte-level decoder;
+  # the loaded tokenizer must decode model output exactly as the toy tokenizer writes it.
+  text = T.concise_cot(splits[1][0])
+  assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
   assert loaded.cfg.vocab_size == model.cfg.vocab_size and model.cfg.vocab_size % 8 == 0
   ids = jnp.asarray([tok_lib.encode_prompt(tok, splits[1][0].text)])
   mask = jnp.ones_like(ids, bool)

@@ -112,15 +112,15 @@ def run_from_strings(strings, entropy, out: str, rho: float, connectors, source:
 def run_samples(samples: str, tokenizer_dir: str, out: str, rho: float, connectors,
                 benchmark: str | None = None) -> dict:  # fmt: skip
   """From an evaluation's samples.jsonl (saved with --save_token_entropy)."""
-  from transformers import AutoTokenizer
+  from egrc_jax.data.chat import load_tokenizer
 
   tok_dir = tokenizer_dir or common.eval_settings(samples).get("tokenizer") or ""
   tok_dir = tok_dir or common.eval_settings(samples).get("model", "")
   if not tok_dir:
     raise ValueError("pass --tokenizer (the evaluation records no model directory)")
   try:
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-  except OSError:
+    tokenizer = load_tokenizer(tok_dir)
+  except (OSError, ValueError):
     raise ValueError(f"no tokenizer in {tok_dir!r}; pass --tokenizer=<directory>") from None
   strings, entropy = strings_from_samples(common.load_samples(samples, benchmark), tokenizer)
   return run_from_strings(strings, entropy, out, rho, connectors, str(samples))

@@ -1,1 +1,1 @@
-"""Micro-benchmarks: `python -m egrc_jax.bench.<name>`."""
+"""Benchmarks, one module each: `python -m egrc_jax.bench.<name> --help`."""

@@ -54,3 +54,24 @@ def encode_prompt(
   """Token ids of `render_prompt` (special tokens added only for the fallback template)."""
   text = render_prompt(tokenizer, problem, instruction, system_prompt)
   return list(tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"])
+
+
+def load_tokenizer(path):
+  """The tokenizer saved in `path`, exactly as its tokenizer.json defines it.
+
+  `AutoTokenizer` picks the tokenizer class from a model directory's config.json
+  (model_type "qwen2" -> Qwen2Tokenizer), which rebuilds the pre-tokenizer and decoder for
+  Qwen's byte-level BPE and so breaks any other tokenizer saved next to a Qwen2-family model
+  (the toy task's word-level one decodes without spaces). `PreTrainedTokenizerFast` reads
+  tokenizer.json as written; directories without one fall back to `AutoTokenizer`.
+  """
+  import os
+
+  from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+  path = str(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
+  if os.path.isfile(os.path.join(path, "tokenizer.json")):
+    return PreTrainedTokenizerFast.from_pretrained(path)
+  return AutoTokenizer.from_pretrained(path)

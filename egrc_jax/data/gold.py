@@ -19,6 +19,7 @@ BENCHMARKS = (
   "olympiadbench",
   "gsm8k",
   "math_train",
+  "answer",  # any file whose `answer` field is the plain final answer (e.g. the toy task)
 )
 
 
@@ -122,17 +123,18 @@ def _boxed_gold(benchmark: str, solution: str) -> str:
 def gold_answer(benchmark: str, row: dict) -> str:
   """The gold final answer of one benchmark row, as a (LaTeX or plain) string.
 
-  aime24/amc23: `answer` as a clean number ("27.0" -> "27", "025" -> "25"); math500: `answer`;
-  minerva_math/math_train: last boxed of `solution`; olympiadbench: `final_answer` (a list or a
-  list-literal string) joined with ", ", `$` stripped; gsm8k: the number after `####` in
-  `answer`, thousands separators removed. Raises ValueError when the row has no gold answer.
+  aime24/amc23: `answer` as a clean number ("27.0" -> "27", "025" -> "25"); math500 and
+  answer: `answer` as is; minerva_math/math_train: last boxed of `solution`; olympiadbench:
+  `final_answer` (a list or a list-literal string) joined with ", ", `$` stripped; gsm8k:
+  the number after `####` in `answer`, thousands separators removed. Raises ValueError when
+  the row has no gold answer.
   """
   if benchmark in ("aime24", "amc23"):
     value = row["answer"]
     if isinstance(value, float) and value.is_integer():
       value = int(value)
     return clean_number(str(value))
-  if benchmark == "math500":
+  if benchmark in ("math500", "answer"):
     return str(row["answer"]).strip()
   if benchmark in ("minerva_math", "math_train"):
     return _boxed_gold(benchmark, row["solution"])

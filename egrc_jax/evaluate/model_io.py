@@ -146,7 +146,7 @@ def load(
 
 def load_tokenizer(src: ModelSource, override: str | None = None):
   """The `transformers` tokenizer of `src` (or of the `override` directory)."""
-  from transformers import AutoTokenizer
+  from egrc_jax.data.chat import load_tokenizer as load_dir
 
   where = pathlib.Path(override) if override else src.tokenizer_dir
   if where is None:
@@ -154,7 +154,7 @@ def load_tokenizer(src: ModelSource, override: str | None = None):
       f"no tokenizer found for {src.path} (the run has no {HF_FINAL}/ and its config names no "
       "tokenizer directory); pass --tokenizer=<directory with tokenizer.json>"
     )
-  return AutoTokenizer.from_pretrained(str(where))
+  return load_dir(where)
 
 
 def stop_ids(tokenizer, cfg: ModelConfig) -> tuple[int, ...]:

@@ -82,7 +82,9 @@ class KVCache:
     """Each row copied g times, consecutively (row b -> rows b*g .. b*g+g-1)."""
     rep = lambda x: jnp.repeat(x, g, axis=0)
     return KVCache(
-      k=tuple(map(rep, self.k)), v=tuple(map(rep, self.v)), valid_BS=rep(self.valid_BS),
+      k=tuple(map(rep, self.k)),
+      v=tuple(map(rep, self.v)),
+      valid_BS=rep(self.valid_BS),
       index=self.index,
     )
 
@@ -195,17 +197,13 @@ class Attention(nnx.Module):
     K = cfg.num_kv_heads
     if T > 1:
       q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-      logits = jnp.einsum(
-        "btkgh,bkhs->bkgts", q_BTKGH, k_BKHS, preferred_element_type=jnp.float32
-      )
+      logits = jnp.einsum("btkgh,bkhs->bkgts", q_BTKGH, k_BKHS, preferred_element_type=jnp.float32)
       logits = jnp.where(allowed_BTS[:, None, None], logits * (H**-0.5), _NEG_INF)
       probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
       out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH).reshape(B, T, N, H)
       return self.out_proj(out)
     q_BKGH = q_BTNH.reshape(B, K, N // K, H)
-    logits_BKGS = jnp.einsum(
-      "bkgh,bkhs->bkgs", q_BKGH, k_BKHS, preferred_element_type=jnp.float32
-    )
+    logits_BKGS = jnp.einsum("bkgh,bkhs->bkgs", q_BKGH, k_BKHS, preferred_element_type=jnp.float32)
     allowed_B11S = allowed_BTS[:, :, None, :]
     logits_BKGS = jnp.where(allowed_B11S, logits_BKGS * (H**-0.5), _NEG_INF)
     probs_BSKG = jax.nn.softmax(logits_BKGS, axis=-1).transpose(0, 3, 1, 2)

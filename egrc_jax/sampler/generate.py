@@ -30,7 +30,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from egrc_jax.model import KVCache, Transformer, positions_from_mask
-from egrc_jax.model.logical import shard
 from egrc_jax.sampler.config import SamplingConfig
 from egrc_jax.sampler.rollout import Rollout
 from egrc_jax.sampler.sampling import sample_step
@@ -44,10 +43,6 @@ def trace_counts() -> dict[str, int]:
   return dict(TRACE_COUNTS)
 
 
-def _cache_names():
-  return ("batch", "cache_length", "kv_heads", "head_dim")
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "cache_size"))
 def prefill(graphdef, state, tokens_PT, mask_PT, *, num_samples: int, cache_size: int):
   """Cached forward over the padded prompts. Returns (last logits [P, V] float32, KVCache
@@ -55,22 +50,14 @@ def prefill(graphdef, state, tokens_PT, mask_PT, *, num_samples: int, cache_size
   TRACE_COUNTS["prefill"] += 1
   model = nnx.merge(graphdef, state)
   Pn = tokens_PT.shape[0]
-  cache = KVCache.zeros(model.cfg, Pn, cache_size)
-  cache = cache.replace(
-    k=tuple(shard(k, _cache_names()) for k in cache.k),
-    v=tuple(shard(v, _cache_names()) for v in cache.v),
-  )
+  cache = KVCache.zeros(model.cfg, Pn, cache_size).constrain()
   hidden_PTD, cache = model.decode(
     tokens_PT, positions_from_mask(mask_PT), mask_PT, cache, return_hidden=True
   )
   # Only the last position feeds the first draw: project just that one (saves a
   # [P, Tp, D] x [D, V] matmul).
   last_PV = model.logits(hidden_PTD[:, -1:])[:, 0]
-  cache = cache.repeat(num_samples)
-  cache = cache.replace(
-    k=tuple(shard(k, _cache_names()) for k in cache.k),
-    v=tuple(shard(v, _cache_names()) for v in cache.v),
-  )
+  cache = cache.repeat(num_samples).constrain()
   return last_PV, cache
 
 
@@ -154,8 +141,10 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], cfg: SamplingConfig, vocab
     raise ValueError("prompts is empty: pass at least one prompt (a list of token ids)")
   lengths = np.array([len(p) for p in prompts], np.int32)
   if (lengths == 0).any():
-    raise ValueError(f"prompt(s) {np.flatnonzero(lengths == 0).tolist()} are empty; every "
-                     "prompt needs at least one token (e.g. BOS)")
+    raise ValueError(
+      f"prompt(s) {np.flatnonzero(lengths == 0).tolist()} are empty; every "
+      "prompt needs at least one token (e.g. BOS)"
+    )
   Tp = cfg.bucket(int(lengths.max()))
   tokens = np.full((len(prompts), Tp), cfg.pad_id, np.int32)
   mask = np.zeros((len(prompts), Tp), bool)
@@ -212,9 +201,7 @@ def generate_state(
     raise ValueError(f"num_samples={num_samples} must be >= 1 (G samples per prompt)")
   model_cfg = nnx.merge(graphdef, state).cfg
   tokens_PT, mask_PT, lengths_P = prepare_prompts(prompts, cfg, model_cfg.vocab_size)
-  check_config(
-    cfg, model_cfg.vocab_size, model_cfg.max_position_embeddings, int(lengths_P.max())
-  )
+  check_config(cfg, model_cfg.vocab_size, model_cfg.max_position_embeddings, int(lengths_P.max()))
   ids = np.arange(len(prompts)) if prompt_ids is None else np.asarray(prompt_ids)
   if ids.shape != (len(prompts),):
     raise ValueError(f"prompt_ids has shape {ids.shape}; give one id per prompt")
@@ -223,13 +210,23 @@ def generate_state(
 
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     last_PV, cache = prefill(
-      graphdef, state, _put(tokens_PT, mesh), _put(mask_PT, mesh),
-      num_samples=G, cache_size=Tp + cfg.max_new_tokens,
+      graphdef,
+      state,
+      _put(tokens_PT, mesh),
+      _put(mask_PT, mesh),
+      num_samples=G,
+      cache_size=Tp + cfg.max_new_tokens,
     )
     bufs, lengths_B, truncated_B, _ = decode_loop(
-      graphdef, state, cache, last_PV, _put(rep(lengths_P), mesh),
-      _put(rep(ids).astype(np.int32), mesh), jnp.asarray(seed, jnp.uint32),
-      cfg=cfg, num_samples=G,
+      graphdef,
+      state,
+      cache,
+      last_PV,
+      _put(rep(lengths_P), mesh),
+      _put(rep(ids).astype(np.int32), mesh),
+      jnp.asarray(seed, jnp.uint32),
+      cfg=cfg,
+      num_samples=G,
     )
   return Rollout(
     prompt_tokens_BTp=_put(rep(tokens_PT), mesh),
@@ -258,4 +255,3 @@ def generate(
   """G = num_samples completions for each prompt (host token lists); see `generate_state`."""
   graphdef, state = nnx.split(model)
   return generate_state(graphdef, state, prompts, cfg, num_samples, seed, mesh, prompt_ids)
-

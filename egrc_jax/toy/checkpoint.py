@@ -2,7 +2,7 @@
 
 DIR holds config.json, model.safetensors, generation_config.json and the tokenizer files
 (written by `egrc_jax.hf.export_model`), so the toy policy loads like a real one: through
-`egrc_jax.hf.load_model(DIR)` and `AutoTokenizer.from_pretrained(DIR)` (and, for a check,
+`egrc_jax.hf.load_model(DIR)` and `egrc_jax.data.chat.load_tokenizer(DIR)` (and, for a check,
 `transformers.AutoModelForCausalLM.from_pretrained(DIR)`).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pathlib
 
+from egrc_jax.data.chat import load_tokenizer
 from egrc_jax.hf import export_model, load_model
 from egrc_jax.model import Transformer
 
@@ -24,7 +25,5 @@ def save_sft(model: Transformer, tokenizer_dir, out_dir) -> pathlib.Path:
 
 def load_sft(path) -> tuple[Transformer, object]:
   """(model, tokenizer) from a directory written by save_sft."""
-  from transformers import AutoTokenizer
-
   _, model = load_model(path)
-  return model, AutoTokenizer.from_pretrained(str(path))
+  return model, load_tokenizer(path)

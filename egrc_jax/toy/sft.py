@@ -57,7 +57,7 @@ class SftConfig:
   task: task_lib.TaskConfig = task_lib.TaskConfig()
   cot: task_lib.CotConfig = task_lib.CotConfig()
   # optimisation (AdamW, linear warmup then cosine decay to 10%)
-  steps: int = 600
+  steps: int = 700
   batch_size: int = 32
   pad_multiple: int = 32  # batches are padded to a multiple of this: few shapes to compile
   learning_rate: float = 3e-3

@@ -11,7 +11,7 @@ exactly one sampling decision, as in the real models' vocabularies.
 
 Saved with `transformers.PreTrainedTokenizerFast.save_pretrained`, with an R1-shaped chat
 template (the generation prompt ends with "<think>"), so the trainer loads it through the same
-`AutoTokenizer.from_pretrained(dir)` path as a real model's tokenizer.
+`egrc_jax.data.chat.load_tokenizer(dir)` path as a real model's tokenizer.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def vocab() -> dict[str, int]:
 
 def build_tokenizer(out_dir: str | pathlib.Path | None = None) -> PreTrainedTokenizerFast:
   """The toy tokenizer; saved to `out_dir` (tokenizer.json, tokenizer_config.json, ...) when
-  given, so `AutoTokenizer.from_pretrained(out_dir)` returns an equivalent tokenizer."""
+  given, so `load_tokenizer(out_dir)` returns an equivalent tokenizer."""
   tok = Tokenizer(models.WordPiece(vocab(), unk_token=UNK, continuing_subword_prefix="##"))
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)

@@ -6,7 +6,6 @@ Each function reads only the config keys it names; `Trainer` wires them together
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 
@@ -25,16 +24,12 @@ def mesh_from_config(c):
 
 
 def load_tokenizer(c):
-  from transformers import AutoTokenizer
-
   path = c.model.tokenizer_path or c.model.hf_path
   if path == BYTE_TOKENIZER:
     return byte_tokenizer()
   if not path:
     raise ValueError("set model.tokenizer_path (or model.hf_path): the run needs a tokenizer")
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
-  return AutoTokenizer.from_pretrained(path)
+  return chat.load_tokenizer(path)
 
 
 def load_policy(c, mesh):

@@ -1,0 +1,46 @@
+"""The miniature EGRC reproduction on the synthetic arithmetic task (docs/toy.md).
+
+  python -m egrc_jax.toy.pipeline --workdir=runs/toy          # SFT, arms, report (main job)
+  python -m egrc_jax.main --config=configs/toy.py:model.hf_path=runs/toy/sft/model,\\
+      data.train_source=runs/toy/data/train.jsonl,data.eval_source=runs/toy/data/test.jsonl \\
+      --workdir=runs/toy/egrc                                   # one arm by hand
+
+The SFT warm start (egrc_jax.toy.sft) writes the starting policy as an HF directory with
+the toy tokenizer; the pipeline fills model.hf_path and the data paths.
+"""
+
+from egrc_jax.trainer.config import base_config, finalize
+
+
+def get_config(arg: str | None = None):
+  c = base_config()
+  c.model.hf_path = ""  # the SFT model (set by the pipeline or on the command line)
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.data.train_source = ""  # toy train JSONL ({id, problem, answer})
+  c.data.train_gold_rule = "answer"
+  c.data.eval_source = ""  # toy test JSONL
+  c.data.eval_gold_rule = "answer"
+  c.data.instruction = ""  # the toy chat template carries the task format
+  c.data.prompts_per_step = 16
+  c.data.max_prompt_tokens = 32
+  c.rollout.num_samples = 8
+  c.rollout.max_new_tokens = 192  # L
+  c.rollout.prompt_buckets = (32,)
+  c.grading.mode = "exact"
+  c.compress.steps = 40
+  c.compress.temperature = 0.6
+  c.compress.r = 0.2
+  c.enhance.steps = 20
+  c.enhance.temperature = 1.0
+  c.single.steps = 60
+  c.single.temperature = 0.6
+  c.optim.lr = 2e-4
+  c.optim.warmup_steps = 2
+  c.optim.weight_decay = 0.0
+  c.checkpoint.every = 20
+  c.eval.num_prompts = 500
+  c.eval.temperature = 0.6
+  c.eval.top_p = 1.0
+  c.log.tensorboard = False
+  c.log.connectors = ("wait", "hmm", "so", "therefore", "alternatively", "let", "okay")
+  return finalize(c, arg)
