@@ -19,6 +19,8 @@ from egrc_jax.sampler import (
   decode_texts,
   generate,
   generate_state,
+  policy_stats,
+  sample_step,
   sampling_logits,
   token_stats,
   trace_counts,
@@ -149,6 +151,22 @@ def test_logprobs_and_entropy_match_teacher_forcing(pairs):
   q = np.asarray(sampling_logits(flat(step_logits), cfg)).reshape(B, C, V)
   picked = np.take_along_axis(q, np.asarray(r.completion_tokens_BC)[..., None], -1)[..., 0]
   assert np.isfinite(picked[m]).all()
+
+
+def test_policy_stats_match_log_softmax():
+  logits = 4.0 * jax.random.normal(jax.random.key(0), (5, 300))
+  logits = logits.at[1, 7].set(-jnp.inf)  # a masked-out logit must not turn into NaN
+  shifted, log_z, entropy = policy_stats(logits)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  want = -jnp.sum(jnp.where(logp > -jnp.inf, jnp.exp(logp) * logp, 0.0), axis=-1)
+  # float32 over 300 terms, two algebraically equal forms: rounding only.
+  np.testing.assert_allclose(entropy, want, atol=1e-5)
+  real = logits > -jnp.inf
+  np.testing.assert_allclose((shifted - log_z[:, None])[real], logp[real], atol=1e-6)
+  tokens, _, policy, ent = sample_step(logits, None, SamplingConfig(greedy=True))
+  np.testing.assert_array_equal(tokens, jnp.argmax(logits, axis=-1))
+  np.testing.assert_allclose(policy, jnp.max(logp, axis=-1), atol=1e-6)
+  np.testing.assert_allclose(ent, want, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

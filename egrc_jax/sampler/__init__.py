@@ -23,6 +23,7 @@ from egrc_jax.sampler.rollout import (
 )
 from egrc_jax.sampler.sampling import (
   inverse_cdf_sample,
+  policy_stats,
   sample_step,
   sampling_logits,
   token_stats,
@@ -41,6 +42,7 @@ __all__ = [
   "generate_state",
   "grouped",
   "inverse_cdf_sample",
+  "policy_stats",
   "prefill",
   "prepare_prompts",
   "prompt_lists",

@@ -101,6 +101,25 @@ def argmax(logits_BV: jax.Array) -> jax.Array:
   return jnp.minimum(first_B, V - 1)  # NaN logits match nothing: stay inside the vocab
 
 
+def policy_stats(logits_BV: jax.Array):
+  """(shifted_BV, log_z_B, entropy_B) of p = softmax(logits) in one fused pass after the max.
+
+  With x = logits - max and z = sum_v e^x_v: log p_v = x_v - log z and the entropy is
+  -sum_v p_v log p_v = log z - sum_v e^x_v x_v / z, so no [B, V] log-softmax is written out.
+  """
+  shifted_BV = logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True)
+  e_BV = jnp.exp(shifted_BV)
+  z_B = jnp.sum(e_BV, axis=-1)
+  # e^x x -> 0 as x -> -inf; the where keeps a -inf logit from making 0 * inf = NaN.
+  ex_B = jnp.sum(jnp.where(e_BV > 0, e_BV * shifted_BV, 0.0), axis=-1)
+  log_z_B = jnp.log(z_B)
+  return shifted_BV, log_z_B, log_z_B - ex_B / z_B
+
+
+def _take(x_BV: jax.Array, tokens_B: jax.Array) -> jax.Array:
+  return jnp.take_along_axis(x_BV, tokens_B[:, None], axis=-1)[:, 0]
+
+
 def token_stats(logits_BV: jax.Array, tokens_B: jax.Array, cfg: SamplingConfig):
   """Statistics of chosen tokens under one step's float32 logits.
 
@@ -110,14 +129,12 @@ def token_stats(logits_BV: jax.Array, tokens_B: jax.Array, cfg: SamplingConfig):
     entropy = -sum_v p_v log p_v.
   """
   logits_BV = logits_BV.astype(jnp.float32)
-  logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
-  entropy_B = -jnp.sum(jnp.exp(logp_BV) * logp_BV, axis=-1)
-  take = lambda x_BV: jnp.take_along_axis(x_BV, tokens_B[:, None], axis=-1)[:, 0]
-  policy_B = take(logp_BV)
+  shifted_BV, log_z_B, entropy_B = policy_stats(logits_BV)
+  policy_B = _take(shifted_BV, tokens_B) - log_z_B
   if cfg.greedy:
     return jnp.zeros_like(policy_B), policy_B, entropy_B
   logq_BV = jax.nn.log_softmax(sampling_logits(logits_BV, cfg), axis=-1)
-  return take(logq_BV), policy_B, entropy_B
+  return _take(logq_BV, tokens_B), policy_B, entropy_B
 
 
 def sample_step(logits_BV: jax.Array, keys_B: jax.Array, cfg: SamplingConfig):
@@ -126,14 +143,13 @@ def sample_step(logits_BV: jax.Array, keys_B: jax.Array, cfg: SamplingConfig):
   Returns (tokens_B int32, logprob_B, policy_logprob_B, entropy_B) as in `token_stats`.
   """
   logits_BV = logits_BV.astype(jnp.float32)
-  logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
-  entropy_B = -jnp.sum(jnp.exp(logp_BV) * logp_BV, axis=-1)
-  take = lambda x_BV, t_B: jnp.take_along_axis(x_BV, t_B[:, None], axis=-1)[:, 0]
+  shifted_BV, log_z_B, entropy_B = policy_stats(logits_BV)
   if cfg.greedy:
     tokens_B = argmax(logits_BV)
-    policy_B = take(logp_BV, tokens_B)
+    policy_B = _take(shifted_BV, tokens_B) - log_z_B
     return tokens_B, jnp.zeros_like(policy_B), policy_B, entropy_B
   logq_BV = jax.nn.log_softmax(sampling_logits(logits_BV, cfg), axis=-1)
   u_B = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys_B)
   tokens_B = inverse_cdf_sample(jnp.exp(logq_BV), u_B)
-  return tokens_B, take(logq_BV, tokens_B), take(logp_BV, tokens_B), entropy_B
+  policy_B = _take(shifted_BV, tokens_B) - log_z_B
+  return tokens_B, _take(logq_BV, tokens_B), policy_B, entropy_B

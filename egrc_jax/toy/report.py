@@ -1,0 +1,343 @@
+"""The toy reproduction's report: the paper-shaped table, the must-show verdicts, the ablation
+comparison, entropy at the stage points, high-entropy tokens, the HF export check.
+
+Every sentence is computed from the numbers. Per seed S and model m (evaluated on the same
+N held-out problems): accuracy a_m, mean tokens l_m, length ratio l_m / l_SFT. Over seeds:
+mean, sample std and [min, max].
+
+An ablation arm X "does as well as EGRC" when
+    a_X >= a_EGRC - 2 * sqrt(2 p (1 - p) / n)   (two binomial standard errors of a difference
+                                                of accuracies; n = N * seeds, p = the mean of
+                                                a_X and a_EGRC kept within [1/n, 1 - 1/n])
+and ratio_X <= ratio_EGRC + 0.02                          (2% of the SFT length)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import numpy as np
+
+MODELS = (
+  ("sft", "SFT"),
+  ("compress_only", "compress-only"),
+  ("egrc", "EGRC"),
+  ("ee", "EE"),
+  ("reverse", "reverse order"),
+)
+LABEL = dict(MODELS)
+TARGET_RATIO = 0.35  # EGRC mean length <= 35% of SFT's (docs/toy.md, issue #6)
+LENGTH_TOLERANCE = 0.02  # ratio slack of "does as well as" (see the module docstring)
+ENTROPY_WINDOW = 3  # steps averaged at each entropy point
+
+
+def spread(values) -> dict:
+  """mean, sample std (0 for one value), min, max and the values themselves."""
+  x = np.asarray(values, float)
+  return {
+    "mean": float(x.mean()),
+    "std": float(x.std(ddof=1)) if x.size > 1 else 0.0,
+    "min": float(x.min()),
+    "max": float(x.max()),
+    "values": x.tolist(),
+  }
+
+
+def table(seeds: dict) -> dict:
+  """{model: {accuracy, mean_length, length_ratio: spread over seeds}}."""
+  out = {}
+  for name, _ in MODELS:
+    per = [s["eval"][name] for s in seeds.values()]
+    sft = [s["eval"]["sft"]["mean_length"] for s in seeds.values()]
+    out[name] = {
+      "accuracy": spread([m["accuracy"] for m in per]),
+      "mean_length": spread([m["mean_length"] for m in per]),
+      "length_ratio": spread([m["mean_length"] / b for m, b in zip(per, sft, strict=True)]),
+    }
+  return out
+
+
+def entropy_points(rows: list[dict], switch: int, k: int = ENTROPY_WINDOW) -> dict:
+  """Mean rollout entropy ("entropy/mean") over k steps at four points of a 2-stage run:
+  start (steps 1..k), switch (the last k steps of stage 1, ending at `switch`), after the
+  switch (the first k steps of stage 2) and end (the last k steps). A step logged twice (a
+  resumed run repeats the steps after its last checkpoint) counts once, its last value."""
+  by_step = {
+    int(r["step"]): float(r["entropy/mean"])
+    for r in rows
+    if isinstance(r.get("entropy/mean"), int | float)
+  }
+  steps = sorted(by_step)
+  first2 = [s for s in steps if s > switch]
+  windows = {
+    "start": [s for s in steps if s <= switch][:k],
+    "switch": [s for s in steps if s <= switch][-k:],
+    "after_switch": first2[:k],
+    "end": steps[-k:],
+  }
+  return {
+    name: {
+      "entropy": float(np.mean([by_step[s] for s in w])) if w else float("nan"),
+      "steps": [w[0], w[-1]] if w else [],
+    }
+    for name, w in windows.items()
+  }
+
+
+def verdicts(tab: dict, num_seeds: int, num_test: int) -> list[dict]:
+  ratio = tab["egrc"]["length_ratio"]["mean"]
+  acc, sft_acc = tab["egrc"]["accuracy"]["mean"], tab["sft"]["accuracy"]["mean"]
+  full = num_seeds >= 3 and num_test >= 500
+  return [
+    {
+      "target": f"EGRC mean length <= {TARGET_RATIO:.0%} of SFT's",
+      "met": ratio <= TARGET_RATIO,
+      "text": f"EGRC length ratio {ratio:.3f} <= {TARGET_RATIO}",
+    },
+    {
+      "target": "EGRC accuracy >= SFT accuracy",
+      "met": acc >= sft_acc,
+      "text": f"EGRC accuracy {acc:.3f} >= SFT accuracy {sft_acc:.3f}",
+    },
+    {
+      "target": "3 seeds on >= 500 held-out problems",
+      "met": full,
+      "text": f"{num_seeds} seed(s) x {num_test} held-out problems",
+    },
+  ]
+
+
+def accuracy_tolerance(p: float, n: int) -> float:
+  """Two standard errors of the difference of two accuracies near p, each over n samples;
+  p is kept off 0 and 1 so that a band never collapses to nothing."""
+  n = max(n, 2)
+  p = min(max(p, 1 / n), 1 - 1 / n)
+  return 2 * math.sqrt(2 * p * (1 - p) / n)
+
+
+def comparisons(tab: dict, num_seeds: int, num_test: int) -> list[dict]:
+  """EE and reverse order against EGRC, by the rule of the module docstring."""
+  e_acc, e_ratio = tab["egrc"]["accuracy"]["mean"], tab["egrc"]["length_ratio"]["mean"]
+  out = []
+  for name in ("ee", "reverse"):
+    acc, ratio = tab[name]["accuracy"]["mean"], tab[name]["length_ratio"]["mean"]
+    tol = accuracy_tolerance((acc + e_acc) / 2, num_test * num_seeds)
+    as_accurate = acc >= e_acc - tol
+    as_short = ratio <= e_ratio + LENGTH_TOLERANCE
+    numbers = (
+      f"accuracy {acc:.3f} vs EGRC {e_acc:.3f} ({acc - e_acc:+.3f}; noise band "
+      f"+-{tol:.3f}), length ratio {ratio:.3f} vs {e_ratio:.3f}"
+    )
+    if as_accurate and as_short:
+      verdict = (
+        f"{LABEL[name]} does as well as EGRC ({numbers}): on this task the ablation "
+        "does not show an advantage of EGRC"
+      )
+    else:
+      worse = [
+        w for w, bad in (("less accurate", not as_accurate), ("longer", not as_short)) if bad
+      ]
+      better = acc > e_acc + tol and not as_short
+      verdict = f"{LABEL[name]} is {' and '.join(worse)} than EGRC ({numbers})"
+      if better:
+        verdict += ": it trades length for accuracy"
+    out.append({"arm": name, "as_accurate": as_accurate, "as_short": as_short, "text": verdict})
+  return out
+
+
+# -- Markdown ----------------------------------------------------------------------------
+
+
+def _cell(s: dict, fmt: str, n: int) -> str:
+  text = format(s["mean"], fmt)
+  if n > 1:
+    text += f" +- {format(s['std'], fmt)} [{format(s['min'], fmt)}, {format(s['max'], fmt)}]"
+  return text
+
+
+def _main_table(tab: dict, n: int) -> list[str]:
+  lines = ["| model | accuracy | mean tokens | length ratio to SFT |", "| --- | --- | --- | --- |"]
+  for name, label in MODELS:
+    t = tab[name]
+    lines.append(
+      f"| {label} | {_cell(t['accuracy'], '.3f', n)} | "
+      f"{_cell(t['mean_length'], '.1f', n)} | {_cell(t['length_ratio'], '.3f', n)} |"
+    )
+  return lines
+
+
+def _seed_table(seeds: dict) -> list[str]:
+  lines = [
+    "| seed | model | accuracy | mean tokens | ratio to SFT | truncated | connector share "
+    "| entropy at connectors / elsewhere |",
+    "| --- " * 8 + "|",
+  ]
+  for s in seeds.values():
+    base = s["eval"]["sft"]["mean_length"]
+    for name, label in MODELS:
+      m = s["eval"][name]
+      lines.append(
+        f"| {s['seed']} | {label} | {m['accuracy']:.3f} | {m['mean_length']:.1f} | "
+        f"{m['mean_length'] / base:.3f} | {m['truncated']:.3f} | "
+        f"{m['connector_share']:.3f} | {m['entropy_at_connectors']:.3f} / "
+        f"{m['entropy_elsewhere']:.3f} |"
+      )
+  return lines
+
+
+def _entropy_table(seeds: dict) -> list[str]:
+  names = ("start", "switch", "after_switch", "end")
+  lines = ["| seed | " + " | ".join(names) + " |", "| --- " * 5 + "|"]
+  for s in seeds.values():
+    p = s["entropy_points"]
+    cells = [
+      f"{p[n]['entropy']:.3f} (steps {p[n]['steps'][0]}-{p[n]['steps'][1]})"
+      if p[n]["steps"]
+      else "n/a"
+      for n in names
+    ]
+    lines.append(f"| {s['seed']} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def _tokens_table(tokens: dict) -> list[str]:
+  sft, egrc = tokens["sft"], tokens["egrc"]
+  lines = [
+    f"Connector share of the top-{sft['rho']:.0%} tokens: SFT {sft['connector_share']:.3f}"
+    f" (connectors are {sft['connector_share_all_tokens']:.3f} of all its tokens), EGRC "
+    f"{egrc['connector_share']:.3f} ({egrc['connector_share_all_tokens']:.3f} of all).",
+    "",
+    "| rank | SFT string | count | EGRC string | count |",
+    "| --- " * 5 + "|",
+  ]
+  for i in range(max(len(sft["top"]), len(egrc["top"]))):
+    a = sft["top"][i] if i < len(sft["top"]) else ("", "")
+    b = egrc["top"][i] if i < len(egrc["top"]) else ("", "")
+    lines.append(f"| {i + 1} | `{a[0]}` | {a[1]} | `{b[0]}` | {b[1]} |")
+  return lines
+
+
+def _hf_lines(check: dict) -> list[str]:
+  n_match = sum(r["match"] for r in check["records"])
+  lines = [
+    f"`transformers.AutoModelForCausalLM` on `{check['hf_dir']}` vs our sampler on the "
+    f"final checkpoint, greedy: **{n_match}/{check['num_prompts']} token sequences "
+    f"match**; max |logit difference| {check['max_abs_logit_diff']:.2e}.",
+    "",
+  ]
+  for r in check["records"]:
+    lines += [
+      f"- `{r['problem']}` ({'match' if r['match'] else 'MISMATCH'})",
+      f"  - transformers: `{r['text_transformers']}`",
+      f"  - sampler: `{r['text_ours']}`",
+    ]
+  return lines
+
+
+def markdown(rep: dict) -> str:
+  st, seeds, n = rep["settings"], rep["seeds"], len(rep["seeds"])
+  rl = st["rl_config_values"]
+  first = next(iter(seeds.values()))
+  lines = [
+    "# EGRC on the toy task: a miniature reproduction",
+    "",
+    f"Seeds {list(seeds)}; SFT {st['sft']['steps']} steps; RL config `{st['rl_config']}` "
+    f"(compress {rl['compress']['steps']} steps at T={rl['compress']['temperature']}, enhance "
+    f"{rl['enhance']['steps']} at T={rl['enhance']['temperature']}, EE {rl['single']['steps']}; "
+    f"{rl['data']['prompts_per_step']} prompts x {rl['rollout']['num_samples']} samples, "
+    f"L={rl['rollout']['max_new_tokens']}){' [quick mode]' if st['quick'] else ''}. "
+    f"Every model answers the same {st['num_test']} held-out problems per seed, one sample "
+    f"each at T={st['eval_temperature']} (max {st['eval_max_new_tokens']} new tokens).",
+    "",
+    "**Compress-only is EGRC's first stage**: the same computation (same seed, data order and "
+    "steps), so it is evaluated from the EGRC run's stage-1 end checkpoint (step "
+    f"{first['switch_step']} for seed {first['seed']}), not from a separate run.",
+    "",
+    f"## Results (mean over {n} seed(s){'; +- std [min, max]' if n > 1 else ''})",
+    "",
+    *_main_table(rep["table"], n),
+    "",
+    "## Must-show targets",
+    "",
+    *[f"- {v['text']}: **{'met' if v['met'] else 'not met'}**" for v in rep["verdicts"]],
+    "",
+    "## Ablations against EGRC",
+    "",
+    *[f"- {c['text']}." for c in rep["comparisons"]],
+    "",
+    "## Per seed",
+    "",
+    *_seed_table(seeds),
+    "",
+    "## Policy entropy of the EGRC run",
+    "",
+    f"Mean rollout entropy (`entropy/mean` of metrics.jsonl: untempered policy entropy of the "
+    f"sampled tokens) over {ENTROPY_WINDOW} steps: the first steps, the last steps of stage 1, "
+    "the first of stage 2, the last steps.",
+    "",
+    *_entropy_table(seeds),
+    "",
+    "## Training curves",
+    "",
+    *[f"![seed {s['seed']}]({s['curves']})" for s in seeds.values()],
+    "",
+  ]
+  for s in seeds.values():
+    lines += [
+      f"## High-entropy tokens, seed {s['seed']}",
+      "",
+      *_tokens_table(s["high_entropy"]),
+      "",
+      f"## HF export check, seed {s['seed']}",
+      "",
+      *_hf_lines(s["hf_check"]),
+      "",
+    ]
+  lines += [
+    "## Time per phase",
+    "",
+    "| phase | seconds |",
+    "| --- | --- |",
+    *[f"| {k} | {v:.1f} |" for k, v in rep["phases_seconds"].items()],
+    "",
+  ]
+  return "\n".join(lines)
+
+
+def headline(rep: dict) -> str:
+  """The table and verdicts as plain console lines."""
+  out = [f"{'model':15s} {'accuracy':>9s} {'tokens':>8s} {'ratio':>7s}"]
+  for name, label in MODELS:
+    t = rep["table"][name]
+    out.append(
+      f"{label:15s} {t['accuracy']['mean']:9.3f} {t['mean_length']['mean']:8.1f} "
+      f"{t['length_ratio']['mean']:7.3f}"
+    )
+  out += [f"{v['text']}: {'met' if v['met'] else 'not met'}" for v in rep["verdicts"]]
+  out += [c["text"] for c in rep["comparisons"]]
+  return "\n".join(out)
+
+
+def write_report(workdir, settings: dict, seeds: dict, phases: dict) -> dict:
+  """DIR/report.json (every number) and DIR/report.md."""
+  workdir = pathlib.Path(workdir)
+  seeds = {str(k): v for k, v in seeds.items()}
+  tab = table(seeds)
+  n, num_test = len(seeds), settings["num_test"]
+  rep = {
+    "settings": settings,
+    "table": tab,
+    "verdicts": verdicts(tab, n, num_test),
+    "comparisons": comparisons(tab, n, num_test),
+    "entropy_points": {
+      p: spread([s["entropy_points"][p]["entropy"] for s in seeds.values()])
+      for p in ("start", "switch", "after_switch", "end")
+    },
+    "seeds": seeds,
+    "phases_seconds": phases,
+  }
+  (workdir / "report.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
+  (workdir / "report.md").write_text(markdown(rep))
+  return {"md": workdir / "report.md", "json": workdir / "report.json", "report": rep}

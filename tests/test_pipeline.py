@@ -1,0 +1,128 @@
+"""The toy reproduction pipeline end to end (--quick: tiny SFT, 2 RL steps per stage, 50 test
+problems), so a regression in any phase breaks the suite; and its report's rules."""
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from egrc_jax.toy import pipeline, report
+from egrc_jax.toy import task as T
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("toy")
+  rep = pipeline.main(["--workdir", str(workdir), "--quick"])
+  return workdir, rep
+
+
+def test_quick_pipeline_writes_the_report(quick_run):
+  workdir, rep = quick_run
+  md = (workdir / "report.md").read_text()
+  on_disk = json.loads((workdir / "report.json").read_text())
+  assert on_disk["table"] == json.loads(json.dumps(rep["table"]))
+  for name, label in report.MODELS:
+    row = rep["table"][name]
+    for key in ("accuracy", "mean_length", "length_ratio"):
+      assert math.isfinite(row[key]["mean"]), (name, key, row[key])
+    assert 0 <= row["accuracy"]["mean"] <= 1
+    assert 1 <= row["mean_length"]["mean"] <= pipeline.QUICK_MAX_NEW_TOKENS
+    # The Markdown table has the row with three numbers.
+    assert re.search(rf"^\| {re.escape(label)} \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", md, re.M), label
+  assert rep["table"]["sft"]["length_ratio"]["mean"] == 1.0
+  assert len(rep["verdicts"]) == 3 and len(rep["comparisons"]) == 2
+  assert all(v["text"] in md for v in rep["verdicts"])
+  seed = rep["seeds"]["0"]
+  assert {m["num_problems"] for m in seed["eval"].values()} == {50}
+  for point in ("start", "switch", "after_switch", "end"):
+    assert math.isfinite(seed["entropy_points"][point]["entropy"]), point
+
+
+def test_compress_only_is_egrc_stage_one_checkpoint(quick_run):
+  workdir, rep = quick_run
+  seed = rep["seeds"]["0"]
+  assert seed["switch_step"] == 2  # compress.steps in quick mode
+  assert (workdir / "seed0" / "egrc" / "checkpoints" / "2" / "state").is_dir()
+  assert "stage-1 end checkpoint" in (workdir / "report.md").read_text()
+
+
+def test_curves_and_high_entropy_tokens(quick_run):
+  workdir, rep = quick_run
+  png = workdir / rep["seeds"]["0"]["curves"]
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  curves = json.loads((png.parent / "curves.json").read_text())
+  assert set(curves["runs"]) == set(pipeline.RL_ARMS)
+  # The two-stage arms mark their switch (stage 2 begins at step 2).
+  assert [s["step"] for s in curves["runs"]["egrc"]["stage_switches"]] == [0, 2]
+  for name in ("sft", "egrc"):
+    tokens = rep["seeds"]["0"]["high_entropy"][name]
+    assert 0 < len(tokens["top"]) <= 20 and 0 <= tokens["connector_share"] <= 1
+    assert tokens["num_high"] >= math.ceil(0.2 * tokens["num_tokens"])
+
+
+def test_hf_export_check_ran_and_matches(quick_run):
+  workdir, rep = quick_run
+  check = rep["seeds"]["0"]["hf_check"]
+  assert check["num_prompts"] == 3 and (workdir / "seed0" / "egrc" / "hf_final").is_dir()
+  for r in check["records"]:
+    assert r["tokens_ours"] and r["tokens_transformers"]
+  # Same float32 weights in two frameworks: only summation order differs (observed ~5e-6).
+  assert check["max_abs_logit_diff"] < 1e-3
+  assert check["all_match"], [(r["text_ours"], r["text_transformers"]) for r in check["records"]]
+
+
+def test_parse_problem_round_trips():
+  train, _ = T.make_splits(T.TaskConfig(), 50, 5, seed=3)
+  for p in train:
+    assert pipeline.parse_problem(p.text, str(p.answer)) == p
+  with pytest.raises(ValueError, match="round-trip"):
+    pipeline.parse_problem(train[0].text, train[0].answer + 1)
+  with pytest.raises(ValueError, match="not a toy problem"):
+    pipeline.parse_problem("what is 2 + 2 ?")
+
+
+def test_entropy_points_use_each_step_once():
+  rows = [{"step": s, "entropy/mean": float(s)} for s in range(1, 11)]
+  # A resumed run logs again the steps after its last checkpoint; the later value counts.
+  rows.insert(4, {"step": 5, "entropy/mean": 100.0})
+  rows.append({"step": 4, "eval/compress/accuracy": 0.5})  # eval row: no entropy
+  p = report.entropy_points(rows, switch=6, k=3)
+  assert p["start"] == {"entropy": np.mean([1, 2, 3]), "steps": [1, 3]}
+  assert p["switch"] == {"entropy": np.mean([4, 5, 6]), "steps": [4, 6]}
+  assert p["after_switch"] == {"entropy": np.mean([7, 8, 9]), "steps": [7, 9]}
+  assert p["end"] == {"entropy": np.mean([8, 9, 10]), "steps": [8, 10]}
+
+
+def _tab(values: dict) -> dict:
+  return {
+    name: {"accuracy": report.spread([a]), "length_ratio": report.spread([r])}
+    for name, (a, r) in values.items()
+  }
+
+
+def test_ablation_sentences_follow_the_numbers():
+  # 500 problems, 1 seed: the accuracy band at p ~ 0.6 is 2 * sqrt(2 * 0.24 / 500) ~ 0.062.
+  tab = _tab({"egrc": (0.60, 0.30), "ee": (0.59, 0.31), "reverse": (0.45, 0.50)})
+  ee, rev = report.comparisons(tab, 1, 500)
+  assert ee["as_accurate"] and ee["as_short"] and "does as well as EGRC" in ee["text"]
+  assert not rev["as_accurate"] and not rev["as_short"]
+  assert "less accurate and longer than EGRC" in rev["text"]
+  tab = _tab({"egrc": (0.60, 0.30), "ee": (0.80, 0.60), "reverse": (0.60, 0.33)})
+  ee, rev = report.comparisons(tab, 1, 500)
+  assert "trades length for accuracy" in ee["text"]
+  assert rev["as_accurate"] and not rev["as_short"] and "is longer than EGRC" in rev["text"]
+
+
+def test_verdicts_and_spread():
+  tab = {
+    "egrc": {"length_ratio": report.spread([0.3, 0.34, 0.32]),
+             "accuracy": report.spread([0.6, 0.62, 0.64])},
+    "sft": {"accuracy": report.spread([0.6, 0.61, 0.62])},
+  }  # fmt: skip
+  assert tab["egrc"]["length_ratio"]["std"] == pytest.approx(0.02)
+  ratio, acc, protocol = report.verdicts(tab, num_seeds=3, num_test=500)
+  assert ratio["met"] and acc["met"] and protocol["met"]
+  assert not report.verdicts(tab, num_seeds=1, num_test=500)[2]["met"]
