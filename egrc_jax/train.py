@@ -98,16 +98,20 @@ def completion_hidden(model: Transformer, batch: Batch) -> jax.Array:
   return hidden_BSD[:, S - C - 1 : S - 1]
 
 
-def _micro_loss(params, graphdef, mb: Batch, temperature, loss_cfg: losses.LossConfig):
+def completion_logprobs(params, graphdef, batch: Batch, temperature, vocab_chunk: int):
+  """(logprobs, entropy) [B, C] of the completion tokens at `temperature` (vocab-chunked)."""
   model = nnx.merge(graphdef, params)
-  hidden = completion_hidden(model, mb)
-  logp, entropy = losses.token_logprobs_and_entropy(
-    hidden,
+  return losses.token_logprobs_and_entropy(
+    completion_hidden(model, batch),
     model.lm_head_weight(),
-    mb.targets_BC,
+    batch.targets_BC,
     temperature=temperature,
-    chunk_size=loss_cfg.vocab_chunk,
+    chunk_size=vocab_chunk,
   )
+
+
+def _micro_loss(params, graphdef, mb: Batch, temperature, loss_cfg: losses.LossConfig):
+  logp, entropy = completion_logprobs(params, graphdef, mb, temperature, loss_cfg.vocab_chunk)
   ref = mb.ref_logp_BC if loss_cfg.kl_kind is not None else None
   tok_loss, stats = losses.token_loss(
     logp, entropy, mb.old_logp_BC, ref, mb.adv_BC, loss_cfg, mb.select_BC
@@ -207,14 +211,5 @@ def init_state_sharded(model: Transformer, tx, mesh: Mesh | None):
 
 
 def reference_logprobs(graphdef, ref_params, batch: Batch, temperature, vocab_chunk: int):
-  """Logprobs of the completion tokens under frozen reference params [B, C]."""
-  model = nnx.merge(graphdef, ref_params)
-  hidden = completion_hidden(model, batch)
-  logp, _ = losses.token_logprobs_and_entropy(
-    hidden,
-    model.lm_head_weight(),
-    batch.targets_BC,
-    temperature=temperature,
-    chunk_size=vocab_chunk,
-  )
-  return logp
+  """Logprobs of the completion tokens under the frozen reference params [B, C]."""
+  return completion_logprobs(ref_params, graphdef, batch, temperature, vocab_chunk)[0]

@@ -78,8 +78,8 @@ def sample_and_grade(
   examples = load_prompts(prompts, data_root)[: settings.limit]
   scfg = SamplingConfig(
     temperature=settings.temperature, top_p=settings.top_p,
-    max_new_tokens=settings.max_new_tokens, stop_token_ids=model_io.stop_ids(tok, cfg),
-    pad_id=model_io.pad_id(tok), prompt_buckets=settings.prompt_buckets,
+    max_new_tokens=settings.max_new_tokens, stop_token_ids=chat.stop_ids(tok, cfg),
+    pad_id=chat.pad_id(tok), prompt_buckets=settings.prompt_buckets,
   )  # fmt: skip
   ids = [chat.encode_prompt(tok, ex["problem"]) for ex in examples]
   seeds = [prompt_seed_id(prompts, i) for i in range(len(examples))]

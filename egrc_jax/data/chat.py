@@ -75,3 +75,21 @@ def load_tokenizer(path):
   if os.path.isfile(os.path.join(path, "tokenizer.json")):
     return PreTrainedTokenizerFast.from_pretrained(path)
   return AutoTokenizer.from_pretrained(path)
+
+
+def stop_ids(tokenizer, model_cfg) -> tuple[int, ...]:
+  """Token ids that end a response: the model config's eos ids and the tokenizer's eos."""
+  ids = set(model_cfg.eos_token_ids)
+  if tokenizer.eos_token_id is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  if not ids:
+    raise ValueError("neither the model config nor the tokenizer names an eos token to stop on")
+  return tuple(sorted(ids))
+
+
+def pad_id(tokenizer) -> int:
+  """The tokenizer's pad token, else its eos token, else 0 (pads are masked out anyway)."""
+  for v in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+    if v is not None:
+      return int(v)
+  return 0

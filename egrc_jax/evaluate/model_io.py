@@ -157,18 +157,3 @@ def load_tokenizer(src: ModelSource, override: str | None = None):
   return load_dir(where)
 
 
-def stop_ids(tokenizer, cfg: ModelConfig) -> tuple[int, ...]:
-  """Token ids that end a response: the model config's eos ids and the tokenizer's eos."""
-  ids = set(cfg.eos_token_ids)
-  if tokenizer.eos_token_id is not None:
-    ids.add(int(tokenizer.eos_token_id))
-  if not ids:
-    raise ValueError("neither the model config nor the tokenizer names an eos token to stop on")
-  return tuple(sorted(ids))
-
-
-def pad_id(tokenizer) -> int:
-  for v in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-    if v is not None:
-      return int(v)
-  return 0

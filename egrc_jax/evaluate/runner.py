@@ -199,7 +199,7 @@ def _generate_all(cfg, todo: dict[str, list[dict]], samples_path, total: int) ->
     cfg.model, mesh, param_dtype=cfg.param_dtype or None, dtype=cfg.dtype or None
   )
   tokenizer = model_io.load_tokenizer(src, cfg.tokenizer or None)
-  scfg = cfg.sampling(model_io.stop_ids(tokenizer, model_cfg), model_io.pad_id(tokenizer))
+  scfg = cfg.sampling(chat.stop_ids(tokenizer, model_cfg), chat.pad_id(tokenizer))
   progress = _Progress(total)
   with GraderPool(cfg.grader_workers, cfg.grader_timeout_s, mode="math") as pool:
     for name, examples in todo.items():

@@ -164,6 +164,30 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def r1_distill_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The paper-like settings shared by the real-model configs (DeepSeek-R1-Distill-Qwen
+  on the MATH training file; EGRC.md's [ours] defaults otherwise)."""
+  c.data.max_prompt_tokens = 1024
+  c.data.eval_benchmark = "math500"
+  c.rollout.num_samples = 8
+  c.rollout.max_new_tokens = 8192  # L
+  c.rollout.prompt_buckets = (256, 512, 1024)
+  c.grading.workers = 8
+  c.grading.timeout_s = 10.0
+  c.compress.steps = 200
+  c.enhance.steps = 200
+  c.single.steps = 400  # EE / baselines get both stages' budget
+  c.single.n_target = 4096
+  c.single.buffer = 1024
+  c.optim.lr = 1e-6
+  c.optim.warmup_steps = 10
+  c.checkpoint.every = 20
+  c.eval.every = 50
+  c.eval.num_prompts = 500
+  c.eval.num_samples = 4
+  return c
+
+
 def _parse_value(raw: str, old):
   if isinstance(old, bool):
     if raw.lower() in ("true", "1", "yes"):

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from egrc_jax import sampler
+from egrc_jax.data import chat
 from egrc_jax.rewards import RewardConfig, compute_rewards
 from egrc_jax.sharding import batch_sharding, gather_rows, process_rows, to_host
 from egrc_jax.train import (
@@ -87,8 +88,8 @@ class Trainer:
       top_p=c.rollout.top_p if top_p is None else top_p,
       top_k=c.rollout.top_k,
       max_new_tokens=max_new_tokens or c.rollout.max_new_tokens,
-      stop_token_ids=setup.stop_ids(self.tokenizer, self.model_cfg),
-      pad_id=setup.pad_id(self.tokenizer),
+      stop_token_ids=chat.stop_ids(self.tokenizer, self.model_cfg),
+      pad_id=chat.pad_id(self.tokenizer),
       prompt_buckets=tuple(c.rollout.prompt_buckets),
     )
 

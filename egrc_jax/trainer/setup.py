@@ -56,22 +56,6 @@ def check_tokenizer(tokenizer, model_cfg) -> None:
     )
 
 
-def stop_ids(tokenizer, model_cfg) -> tuple[int, ...]:
-  ids = set(model_cfg.eos_token_ids)
-  if tokenizer.eos_token_id is not None:
-    ids.add(int(tokenizer.eos_token_id))
-  if not ids:
-    raise ValueError("neither the model config nor the tokenizer names an eos token to stop on")
-  return tuple(sorted(ids))
-
-
-def pad_id(tokenizer) -> int:
-  for v in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-    if v is not None:
-      return int(v)
-  return 0
-
-
 def loss_config(c) -> losses.LossConfig:
   l = c.loss
   return losses.LossConfig(
