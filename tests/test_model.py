@@ -116,9 +116,10 @@ def test_kv_cache_repeat_and_nbytes():
   cache = KVCache.zeros(cfg, 2, 5)
   cache = cache.replace(valid_BS=cache.valid_BS.at[1, 3].set(True))
   rep = cache.repeat(3)
-  # Keys are stored slot-last ([B, K, H, S]) for the decode step's q.k contraction.
+  # Keys are stored [B, K, H, S] and values [B, K, S, H]: both products of a one-token
+  # decode step are then plain batched matmuls over the cache.
   assert rep.valid_BS.shape == (6, 5) and rep.k[0].shape == (6, cfg.num_kv_heads, cfg.head_dim, 5)
-  assert rep.v[0].shape == (6, 5, cfg.num_kv_heads, cfg.head_dim)
+  assert rep.v[0].shape == (6, cfg.num_kv_heads, 5, cfg.head_dim)
   np.testing.assert_array_equal(rep.valid_BS[:, 3], [0, 0, 0, 1, 1, 1])
   assert cache.nbytes() == 2 * cfg.num_layers * 2 * 5 * cfg.num_kv_heads * cfg.head_dim * 4
 

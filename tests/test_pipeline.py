@@ -108,6 +108,8 @@ def test_ablation_sentences_follow_the_numbers():
   tab = _tab({"egrc": (0.60, 0.30), "ee": (0.59, 0.31), "reverse": (0.45, 0.50)})
   ee, rev = report.comparisons(tab, 1, 500)
   assert ee["as_accurate"] and ee["as_short"] and "does as well as EGRC" in ee["text"]
+  tab = _tab({"egrc": (0.60, 0.30), "ee": (0.60, 0.25), "reverse": (0.70, 0.31)})
+  assert all("does better than EGRC" in c["text"] for c in report.comparisons(tab, 1, 500))
   assert not rev["as_accurate"] and not rev["as_short"]
   assert "less accurate and longer than EGRC" in rev["text"]
   tab = _tab({"egrc": (0.60, 0.30), "ee": (0.80, 0.60), "reverse": (0.60, 0.33)})

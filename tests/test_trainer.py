@@ -201,3 +201,15 @@ def test_docs_list_every_config_key():
 def test_config_files_load(name):
   c = config_lib.load_config_file(str(ROOT / "configs" / f"{name}.py"), "arm=ee")
   assert c.arm == "ee" and c.model.preset in ("tiny", name)
+
+
+def test_kl_to_the_frozen_reference(tmp_path, shared_data):
+  # The entropy bonus moves the policy even though a random model earns no reward; the
+  # reference stays at the starting params, so KL is 0 at step 1 and positive after.
+  c = tiny("arm=grpo,loss.kl_kind=k3,loss.kl_coef=0.1,loss.entropy_coef=0.5,optim.lr=1e-2",
+           shared_data)
+  Trainer(c, str(tmp_path)).run()
+  rows, _ = read_metrics(tmp_path)
+  assert abs(rows[0]["loss/kl"]) < 1e-6
+  assert rows[1]["loss/kl"] > 1e-6
+  assert all(r["time/reference"] > 0 for r in rows)
