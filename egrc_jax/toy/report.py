@@ -300,6 +300,8 @@ def markdown(rep: dict) -> str:
   lines += [
     "## Time per phase",
     "",
+    "Of this invocation (a re-run skips finished phases: they show about 0 s).",
+    "",
     "| phase | seconds |",
     "| --- | --- |",
     *[f"| {k} | {v:.1f} |" for k, v in rep["phases_seconds"].items()],
