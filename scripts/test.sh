@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet -e ".[test]"
 ruff check egrc_jax tests configs
+ruff format --check egrc_jax tests configs
 python -m pytest -q -n 2 --durations=15 tests "$@"

@@ -18,8 +18,14 @@ pytestmark = pytest.mark.slow
 
 def launch_two(workdir, overrides: str, timeout=600):
   cmd = [
-    "bash", str(ROOT / "launch" / "local.sh"), "--num_processes=2", "--devices_per_process=4",
-    "--", sys.executable, "-m", "egrc_jax.main",
+    "bash",
+    str(ROOT / "launch" / "local.sh"),
+    "--num_processes=2",
+    "--devices_per_process=4",
+    "--",
+    sys.executable,
+    "-m",
+    "egrc_jax.main",
     f"--config=configs/tiny.py:{FAST}{',' + overrides if overrides else ''}",
     f"--workdir={workdir}",
   ]

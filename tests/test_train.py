@@ -55,9 +55,15 @@ def run(micro_batches, mesh=None, epochs=1, batch=None, steps=1, adam=False):
   opt = OptimConfig(lr=1e-2, warmup_steps=0, total_steps=10)
   tx = make_optimizer(opt) if adam else optax.identity()
   state, sh = init_state_sharded(model, tx, mesh)
-  step = make_train_step(nnx.graphdef(model), tx, losses.LossConfig(vocab_chunk=96),
-                         micro_batches=micro_batches, ppo_epochs=epochs, mesh=mesh,
-                         state_sharding=sh)
+  step = make_train_step(
+    nnx.graphdef(model),
+    tx,
+    losses.LossConfig(vocab_chunk=96),
+    micro_batches=micro_batches,
+    ppo_epochs=epochs,
+    mesh=mesh,
+    state_sharding=sh,
+  )
   batch = make_batch() if batch is None else batch
   if mesh is not None:
     batch = jax.device_put(batch, batch_sharding(mesh))
@@ -95,8 +101,10 @@ def test_sharded_step_matches_one_device(whole):
 def test_ppo_epochs_take_several_steps(whole):
   two, m = run(1, epochs=2)
   assert int(two.step) == 2
-  moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(two.params),
-                                                 jax.tree.leaves(whole[0].params), strict=True)]
+  moved = [
+    np.abs(a - b).max()
+    for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(whole[0].params), strict=True)
+  ]
   assert max(moved) > 0  # the second epoch changed the params further
   # The first epoch's metrics are reported (on-policy); the last epoch's norm too.
   np.testing.assert_allclose(m["grad_norm"], whole[1]["grad_norm"], rtol=1e-6)
@@ -108,14 +116,23 @@ def test_non_finite_batch_leaves_state_untouched():
   state, m = run(1, batch=bad, adam=True)
   fresh = init_model(get_preset("tiny"), None, seed=0)
   assert not bool(m["finite"]) and int(state.step) == 0
-  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(nnx.state(fresh, nnx.Param)),
-                  strict=True):
+  for a, b in zip(
+    jax.tree.leaves(state.params), jax.tree.leaves(nnx.state(fresh, nnx.Param)), strict=True
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_lr_schedule_warmup_then_cosine():
   f = lr_schedule(OptimConfig(lr=1.0, warmup_steps=2, total_steps=6, min_lr_ratio=0.1))
   # warmup: (t+1)/2 -> 0.5, 1.0; cosine over 4 steps: 1, 0.1+0.9*(1+cos(pi/4))/2, ...
-  expected = [0.5, 1.0, 1.0, 0.1 + 0.45 * (1 + np.cos(np.pi / 4)), 0.55,
-              0.1 + 0.45 * (1 + np.cos(3 * np.pi / 4)), 0.1, 0.1]
+  expected = [
+    0.5,
+    1.0,
+    1.0,
+    0.1 + 0.45 * (1 + np.cos(np.pi / 4)),
+    0.55,
+    0.1 + 0.45 * (1 + np.cos(3 * np.pi / 4)),
+    0.1,
+    0.1,
+  ]
   np.testing.assert_allclose([f(t) for t in range(8)], expected, atol=1e-12)

@@ -206,8 +206,9 @@ def test_config_files_load(name):
 def test_kl_to_the_frozen_reference(tmp_path, shared_data):
   # The entropy bonus moves the policy even though a random model earns no reward; the
   # reference stays at the starting params, so KL is 0 at step 1 and positive after.
-  c = tiny("arm=grpo,loss.kl_kind=k3,loss.kl_coef=0.1,loss.entropy_coef=0.5,optim.lr=1e-2",
-           shared_data)
+  c = tiny(
+    "arm=grpo,loss.kl_kind=k3,loss.kl_coef=0.1,loss.entropy_coef=0.5,optim.lr=1e-2", shared_data
+  )
   Trainer(c, str(tmp_path)).run()
   rows, _ = read_metrics(tmp_path)
   assert abs(rows[0]["loss/kl"]) < 1e-6

@@ -155,5 +155,3 @@ def load_tokenizer(src: ModelSource, override: str | None = None):
       "tokenizer directory); pass --tokenizer=<directory with tokenizer.json>"
     )
   return load_dir(where)
-
-
