@@ -186,3 +186,15 @@ def test_release_loads_in_transformers_and_matches_greedy(
   assert "| gsm8k |" in card and "pass@1" in card
   assert AutoTokenizer.from_pretrained(out).chat_template
   _greedy_parity(str(out))
+
+
+def test_hf_export_cli_releases_a_trainer_workdir(trainer_workdir, tmp_path):
+  from egrc_jax.hf.__main__ import main as hf_cli
+
+  out = tmp_path / "rel"
+  assert hf_cli(["export", "--checkpoint", str(trainer_workdir[0]), "--out", str(out)]) == 0
+  names = {p.name for p in out.iterdir()}
+  assert {"config.json", "model.safetensors", "generation_config.json", "README.md",
+          "tokenizer.json"} <= names  # fmt: skip
+  _greedy_parity(str(out))
+  assert hf_cli(["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(out)]) == 2

@@ -7,6 +7,7 @@ python -m egrc_jax.hf export --checkpoint CKPT_DIR --out HF_DIR [--tokenizer TOK
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import time
 
@@ -33,7 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     "--param-dtype", choices=("float32", "bfloat16"), help="cast weights (default: checkpoint's)"
   )
   exp = sub.add_parser("export", help="native checkpoint -> HF directory for from_pretrained")
-  exp.add_argument("--checkpoint", required=True, help="native checkpoint (save_native) to read")
+  exp.add_argument(
+    "--checkpoint",
+    required=True,
+    help="native checkpoint (save_native), or a trainer workdir / checkpoint step to release",
+  )
   exp.add_argument("--out", required=True, help="HF directory to write")
   exp.add_argument("--tokenizer", help="directory whose tokenizer files are copied into --out")
   exp.add_argument(
@@ -49,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _is_trainer_checkpoint(path: str) -> bool:
+  """A trainer workdir (checkpoints/) or one of its step directories (state/ + meta/)."""
+  p = pathlib.Path(path)
+  return (p / "checkpoints").is_dir() or ((p / "state").is_dir() and (p / "meta").is_dir())
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   start = time.time()
@@ -56,8 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg, model = load_model(args.hf, param_dtype=args.param_dtype, progress=_log)
     save_native(model, args.out)
     _log(f"saved native checkpoint of {cfg.num_params():,} params to {args.out}")
+  elif _is_trainer_checkpoint(args.checkpoint):
+    # A trained run: the release packager (an entry point above this module's layer) ships
+    # weights, tokenizer, chat template, generation config and a model card.
+    from egrc_jax import release
+
+    rel = ["--run", args.checkpoint, "--out", args.out]
+    rel += ["--tokenizer", args.tokenizer] if args.tokenizer else []
+    return release.main(rel + (["--overwrite"] if args.overwrite else []))
   else:
-    cfg, model = load_native(args.checkpoint)
+    try:
+      cfg, model = load_native(args.checkpoint)
+    except FileNotFoundError as e:
+      print(f"error: {e}; or pass a trainer workdir / checkpoint step", file=sys.stderr)
+      return 2
     _log(f"read {args.checkpoint}: {cfg.model_type}, {cfg.num_params():,} params")
     export_model(
       model,
