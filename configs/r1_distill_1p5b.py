@@ -19,5 +19,5 @@ def get_config(arg: str | None = None):
   c.model.hf_path = ""  # set to the downloaded HF directory (weights + tokenizer)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.data.prompts_per_step = 128
-  c.optim.micro_batch_rows = 64
+  c.optim.micro_batch_rows = 16  # 1 row per device on fsdp 16 (docs/memory_plan.md)
   return finalize(c, arg)

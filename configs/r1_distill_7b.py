@@ -19,5 +19,5 @@ def get_config(arg: str | None = None):
   c.model.hf_path = ""  # set to the downloaded HF directory (weights + tokenizer)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 4
   c.data.prompts_per_step = 64
-  c.optim.micro_batch_rows = 16
+  c.optim.micro_batch_rows = 4  # 1 row per data-parallel group of fsdp 4 x tensor 4
   return finalize(c, arg)

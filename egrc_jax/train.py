@@ -90,19 +90,23 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   )
 
 
-def completion_hidden(model: Transformer, batch: Batch) -> jax.Array:
+def completion_hidden(model: Transformer, batch: Batch, remat: bool = False) -> jax.Array:
   """Final hidden states at the positions that predict the completion tokens [B, C, D]."""
-  hidden_BSD = model(batch.tokens_BS, batch.positions_BS, batch.mask_BS, return_hidden=True)
+  hidden_BSD = model(
+    batch.tokens_BS, batch.positions_BS, batch.mask_BS, return_hidden=True, remat=remat
+  )
   C = batch.targets_BC.shape[1]
   S = batch.tokens_BS.shape[1]
   return hidden_BSD[:, S - C - 1 : S - 1]
 
 
-def completion_logprobs(params, graphdef, batch: Batch, temperature, vocab_chunk: int):
+def completion_logprobs(
+  params, graphdef, batch: Batch, temperature, vocab_chunk: int, remat: bool = False
+):
   """(logprobs, entropy) [B, C] of the completion tokens at `temperature` (vocab-chunked)."""
   model = nnx.merge(graphdef, params)
   return losses.token_logprobs_and_entropy(
-    completion_hidden(model, batch),
+    completion_hidden(model, batch, remat),
     model.lm_head_weight(),
     batch.targets_BC,
     temperature=temperature,
@@ -110,8 +114,10 @@ def completion_logprobs(params, graphdef, batch: Batch, temperature, vocab_chunk
   )
 
 
-def _micro_loss(params, graphdef, mb: Batch, temperature, loss_cfg: losses.LossConfig):
-  logp, entropy = completion_logprobs(params, graphdef, mb, temperature, loss_cfg.vocab_chunk)
+def _micro_loss(params, graphdef, mb: Batch, temperature, loss_cfg: losses.LossConfig, remat):
+  logp, entropy = completion_logprobs(
+    params, graphdef, mb, temperature, loss_cfg.vocab_chunk, remat
+  )
   ref = mb.ref_logp_BC if loss_cfg.kl_kind is not None else None
   tok_loss, stats = losses.token_loss(
     logp, entropy, mb.old_logp_BC, ref, mb.adv_BC, loss_cfg, mb.select_BC
@@ -135,8 +141,12 @@ def make_train_step(
   ppo_epochs: int = 1,
   mesh: Mesh | None = None,
   state_sharding=None,
+  remat: bool = False,
 ) -> Callable[..., tuple[TrainState, dict]]:
-  """A jitted `step(state, batch, temperature, lr) -> (state, metrics)`; state is donated."""
+  """A jitted `step(state, batch, temperature, lr) -> (state, metrics)`; state is donated.
+
+  remat: recompute each block in the backward pass (activation memory of one block).
+  """
   grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
   def one_update(state: TrainState, batch: Batch, temperature, lr):
@@ -144,7 +154,7 @@ def make_train_step(
 
     def body(carry, mb):
       g_acc, l_acc, s_acc = carry
-      (loss, wsum), g = grad_fn(state.params, graphdef, mb, temperature, loss_cfg)
+      (loss, wsum), g = grad_fn(state.params, graphdef, mb, temperature, loss_cfg, remat)
       g_acc = jax.tree.map(jnp.add, g_acc, g)
       s_acc = jax.tree.map(jnp.add, s_acc, wsum)
       return (g_acc, l_acc + loss, s_acc), None

@@ -5,6 +5,7 @@ cost about a second each.
 """
 
 import json
+import pathlib
 
 import pytest
 
@@ -163,3 +164,13 @@ def test_cli_errors(argv, message, capsys):
     main(argv)
   assert e.value.code == 2
   assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["r1_distill_1p5b", "r1_distill_7b"])
+def test_cli_reads_a_run_config(name, capsys):
+  # The shipped real-model configs must fit the slice the launch README recommends.
+  root = pathlib.Path(__file__).resolve().parents[1]
+  assert main([f"--config={root}/configs/{name}.py", "--chip=v4", "--num_chips=16"]) == 0
+  out = capsys.readouterr().out
+  assert "FITS" in out and "DOES NOT FIT" not in out
+  assert (name == "r1_distill_7b") == ("tensor:4" in out)

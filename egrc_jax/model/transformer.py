@@ -295,16 +295,23 @@ class Transformer(nnx.Module):
     return shard(out, ("batch", "length", "vocab"))
 
   # -- full forward -----------------------------------------------------------------------
-  def __call__(self, tokens_BT, positions_BT, mask_BT, *, return_hidden: bool = False):
+  def __call__(
+    self, tokens_BT, positions_BT, mask_BT, *, return_hidden: bool = False, remat: bool = False
+  ):
     """Causal forward over a padded batch. Returns float32 logits [B, T, V] (or the
-    final-normed hidden states [B, T, D] with return_hidden=True)."""
+    final-normed hidden states [B, T, D] with return_hidden=True). remat=True recomputes
+    each block's activations in the backward pass (only block inputs are kept): the
+    learner's memory then grows with one block's working set, not L of them."""
     T = tokens_BT.shape[1]
     causal_TT = jnp.tril(jnp.ones((T, T), bool))
     allowed_BTS = causal_TT[None] & mask_BT[:, None, :].astype(bool)
     inv_freq = rope_inv_freq(self.cfg)
     x = self.embed(tokens_BT)
+    block = lambda layer, x: layer(x, positions_BT, inv_freq, allowed_BTS)[0]
+    if remat:
+      block = nnx.remat(block)
     for layer in self.layers:
-      x, _ = layer(x, positions_BT, inv_freq, allowed_BTS)
+      x = block(layer, x)
     h = self.final_norm(x)
     return h if return_hidden else self.logits(h)
 

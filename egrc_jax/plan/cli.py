@@ -42,20 +42,25 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="python -m egrc_jax.plan", description="Per-device memory plan of an EGRC run."
   )
-  p.add_argument("--preset", required=True, help="model preset, e.g. r1_distill_1p5b")
+  p.add_argument(
+    "--config",
+    default=None,
+    help="configs/<file>.py[:overrides]: take the preset, mesh, batch, lengths, micro-batch"
+    " and KL setting from a run config (explicit flags win)",
+  )
+  p.add_argument("--preset", help="model preset, e.g. r1_distill_1p5b")
   p.add_argument("--chip", required=True, help=f"one of {sorted(CHIP_HBM_GIB)}")
   p.add_argument("--num_chips", type=int, required=True)
-  p.add_argument("--mesh", required=True, help="data:D,fsdp:F,tensor:T (product = num_chips)")
+  p.add_argument("--mesh", help="data:D,fsdp:F,tensor:T (product = num_chips)")
   p.add_argument(
     "--rollout_batch",
     type=int,
-    required=True,
     help="rows decoded concurrently = prompts x group size (global)",
   )
-  p.add_argument("--group_size", type=int, default=8, help="G: prefill rows = rollout_batch / G")
-  p.add_argument("--max_prompt", type=int, required=True)
-  p.add_argument("--max_new_tokens", type=int, required=True)
-  p.add_argument("--micro_batch", type=int, required=True, help="learner micro-batch rows (global)")
+  p.add_argument("--group_size", type=int, default=None, help="G: prefill rows = rollout_batch / G")
+  p.add_argument("--max_prompt", type=int)
+  p.add_argument("--max_new_tokens", type=int)
+  p.add_argument("--micro_batch", type=int, help="learner micro-batch rows (global)")
   p.add_argument("--remat", default="full", choices=REMAT_MODES)
   p.add_argument("--attention", default="dense", choices=ATTENTION_MODES)
   p.add_argument("--optimizer", default="adamw", choices=tuple(OPTIMIZER_MOMENTS))
@@ -69,10 +74,42 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def fill_from_config(args: argparse.Namespace) -> None:
+  """Fill the flags left unset from a trainer config (`--config=path[:overrides]`)."""
+  from egrc_jax.trainer.config import load_config_file
+
+  path, _, arg = args.config.partition(":")
+  c = load_config_file(path, arg)
+  mesh = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}
+  known = math.prod(v for v in mesh.values() if v != -1)
+  mesh = {k: (args.num_chips // known if v == -1 else v) for k, v in mesh.items()}
+  rows = c.data.prompts_per_step * c.rollout.num_samples
+  derived = {
+    "preset": c.model.preset,
+    "mesh": ",".join(f"{k}:{v}" for k, v in mesh.items()),
+    "rollout_batch": rows,
+    "group_size": c.rollout.num_samples,
+    "max_prompt": c.data.max_prompt_tokens,
+    "max_new_tokens": c.rollout.max_new_tokens,
+    "micro_batch": c.optim.micro_batch_rows or rows,
+  }
+  for key, value in derived.items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
+  args.reference = args.reference or c.loss.kl_kind != "none"
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
   try:
+    if args.config:
+      fill_from_config(args)
+    args.group_size = args.group_size or 8
+    missing = [k for k in ("preset", "mesh", "rollout_batch", "max_prompt", "max_new_tokens",
+                           "micro_batch") if getattr(args, k) is None]  # fmt: skip
+    if missing:
+      raise ValueError(f"set --{', --'.join(missing)} (or take them from --config)")
     cfg = get_preset(args.preset)
     mesh = parse_mesh(args.mesh, args.num_chips)
     if args.group_size < 1 or args.rollout_batch % args.group_size:

@@ -141,6 +141,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.clip_norm = 1.0  # global gradient-norm clip
   c.optim.ppo_epochs = 1  # passes over each rollout batch
   c.optim.micro_batch_rows = 0  # rows per gradient micro-batch; 0 = the whole batch
+  c.optim.remat = False  # recompute each block in the backward pass (long sequences)
   c.optim.max_bad_steps = 3  # consecutive non-finite steps before the run stops
 
   # -- checkpoint / logging / eval ------------------------------------------------------
@@ -181,6 +182,7 @@ def r1_distill_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   c.single.buffer = 1024
   c.optim.lr = 1e-6
   c.optim.warmup_steps = 10
+  c.optim.remat = True
   c.checkpoint.every = 20
   c.eval.every = 50
   c.eval.num_prompts = 500

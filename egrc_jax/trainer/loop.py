@@ -296,6 +296,7 @@ class Trainer:
           self.loss_cfg,
           micro_batches=rows // (c.optim.micro_batch_rows or rows),
           ppo_epochs=c.optim.ppo_epochs,
+          remat=c.optim.remat,
           mesh=self.mesh,
           state_sharding=state_sh,
         )
