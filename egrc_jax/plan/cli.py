@@ -97,6 +97,10 @@ def fill_from_config(args: argparse.Namespace) -> None:
     if getattr(args, key) is None:
       setattr(args, key, value)
   args.reference = args.reference or c.loss.kl_kind != "none"
+  if args.param_dtype is None and c.model.param_dtype:
+    args.param_dtype = c.model.param_dtype
+  if args.param_dtype == "float32":
+    args.no_master = True  # float32 params are their own master copy
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -168,6 +168,10 @@ def base_config() -> ml_collections.ConfigDict:
 def r1_distill_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The paper-like settings shared by the real-model configs (DeepSeek-R1-Distill-Qwen
   on the MATH training file; EGRC.md's [ours] defaults otherwise)."""
+  # float32 params are the master copy (an lr of 1e-6 would vanish in bf16 rounding);
+  # the model computes in bfloat16 (weights are cast per matmul, the KV cache is bf16).
+  c.model.param_dtype = "float32"
+  c.model.dtype = "bfloat16"
   c.data.max_prompt_tokens = 1024
   c.data.eval_benchmark = "math500"
   c.rollout.num_samples = 8
