@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "tensorboardX==2.6.5",
     "pyarrow==26.0.1",
+    "array-record==0.8.6",  # TFDS array_record sources (imported directly by data.sources)
     "tqdm==4.70.1",
 ]
 
