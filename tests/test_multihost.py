@@ -61,3 +61,30 @@ def test_two_processes_match_one_and_resume(tmp_path, shared_data):
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
   assert json.loads((two / "config.json").read_text())["arm"] == "egrc"
+
+
+def test_two_process_evaluation_matches_one(tmp_path, shared_data):
+  from tiny_hf_model import save_tiny_model
+
+  from egrc_jax.evaluate.__main__ import main as evaluate_main
+
+  model = save_tiny_model(tmp_path / "model")
+  args = [
+    f"--model={model}", "--benchmarks=gsm8k,math500", "--limit=2", "--n=2",
+    "--max_new_tokens=8", "--batch_prompts=2", "--mesh=1,-1,1", "--grader_workers=1",
+    f"--data_root={shared_data}",
+  ]  # fmt: skip
+  assert evaluate_main([*args, f"--workdir={tmp_path / 'one'}"]) == 0
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  cmd = ["bash", str(ROOT / "launch" / "local.sh"), "--num_processes=2",
+         "--devices_per_process=4", "--", sys.executable, "-m", "egrc_jax.evaluate", *args,
+         f"--workdir={tmp_path / 'two'}"]  # fmt: skip
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+  def samples(d):
+    rows = [json.loads(line) for line in open(tmp_path / d / "samples.jsonl")]
+    return sorted((r["benchmark"], r["id"], r["sample"], r["text"], r["correct"]) for r in rows)
+
+  assert samples("one") == samples("two") and len(samples("one")) == 8  # written once

@@ -77,6 +77,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  from egrc_jax import distributed
+
+  distributed.maybe_initialize()  # multi-host: before any JAX computation
   evaluate(config_from_args(parser().parse_args(argv)))
   return 0
 

@@ -19,6 +19,7 @@ import pathlib
 import time
 import zlib
 
+import jax
 import numpy as np
 
 from egrc_jax.data import benchmarks as bench_data
@@ -27,7 +28,7 @@ from egrc_jax.evaluate import model_io, samples_io, scoring
 from egrc_jax.grading import GraderPool, extract_answer
 from egrc_jax.sampler import SamplingConfig, generate
 from egrc_jax.sampler.config import DEFAULT_BUCKETS
-from egrc_jax.sharding import make_mesh
+from egrc_jax.sharding import make_mesh, to_host
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ def check_resume(workdir: pathlib.Path, cfg: EvalConfig) -> None:
         "or the same settings"
       )
   record = {"resume_settings": mine, "config": dataclasses.asdict(cfg)}
-  path.write_text(json.dumps(record, indent=1) + "\n")
+  if _is_writer():
+    path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def row_records(
@@ -211,10 +213,10 @@ def _generate_all(cfg, todo: dict[str, list[dict]], samples_path, total: int) ->
       for s in range(0, len(examples), cfg.batch_prompts):
         batch = examples[s : s + cfg.batch_prompts]
         padded = batch + [batch[-1]] * (cfg.batch_prompts - len(batch))
-        rollout = generate(
+        rollout = to_host(generate(
           model, [ex["prompt"] for ex in padded], scfg, num_samples=cfg.n, seed=cfg.seed,
           mesh=mesh, prompt_ids=[prompt_seed_id(name, ex["index"]) for ex in padded],
-        )  # fmt: skip
+        ))  # fmt: skip
         rows = len(batch) * cfg.n
         lengths = np.asarray(rollout.lengths_B)[:rows]
         tokens = np.asarray(rollout.completion_tokens_BC)[:rows]
@@ -225,9 +227,22 @@ def _generate_all(cfg, todo: dict[str, list[dict]], samples_path, total: int) ->
         golds = [ex["gold"] for ex in batch for _ in range(cfg.n)]
         grades = pool.grade_details([extract_answer(t) for t in texts], golds)
         records = row_records(rollout, tokenizer, batch, cfg.n, grades, cfg.save_token_entropy)
-        samples_io.append_samples(samples_path, records)
+        if _is_writer():
+          samples_io.append_samples(samples_path, records)
         progress.update(name, len(batch), rows, int(lengths.sum()))
   return progress.summary()
+
+
+def _is_writer() -> bool:
+  """Multi-host: every process samples and grades; process 0 alone writes files."""
+  return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -236,7 +251,9 @@ def evaluate(cfg: EvalConfig) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   check_resume(workdir, cfg)
   samples_path = workdir / samples_io.SAMPLES_FILE
-  samples_io.repair(samples_path)
+  if _is_writer():
+    samples_io.repair(samples_path)
+  _sync("samples repaired")  # every process then reads the same finished problems
   selected = _select(cfg)
   done = samples_io.done_problems(samples_io.read_samples(samples_path), cfg.n)
   todo = {
@@ -266,6 +283,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     "throughput": throughput,
     "estimators": scoring.__doc__,
   }
+  if not _is_writer():
+    return results
   (workdir / RESULTS_JSON).write_text(json.dumps(results, indent=1) + "\n")
   table = scoring.markdown_table(summaries, avg)
   title = f"# Evaluation of `{cfg.model}`\n\n"
