@@ -201,7 +201,25 @@ def _entropy_table(seeds: dict) -> list[str]:
       for n in names
     ]
     lines.append(f"| {s['seed']} | " + " | ".join(cells) + " |")
-  return lines
+  return [*lines, "", *_entropy_directions(seeds)]
+
+
+def _entropy_directions(seeds: dict) -> list[str]:
+  """The paper's claim, checked per stage: entropy descends in stage 1, rises in stage 2."""
+  out = []
+  for stage, (a, b), claim in (("compression (start -> switch)", ("start", "switch"), "descends"),
+                               ("enhancement (after_switch -> end)", ("after_switch", "end"),
+                                "rises")):  # fmt: skip
+    deltas = [s["entropy_points"][b]["entropy"] - s["entropy_points"][a]["entropy"]
+              for s in seeds.values()
+              if s["entropy_points"][a]["steps"] and s["entropy_points"][b]["steps"]]  # fmt: skip
+    if not deltas:
+      continue
+    went = "rises" if sum(deltas) / len(deltas) > 0 else "descends"
+    verdict = "as the paper says" if went == claim else f"the paper says it {claim}: not reproduced"
+    changes = ", ".join(f"{d:+.3f}" for d in deltas)
+    out.append(f"- {stage}: entropy {went} on average (per seed {changes}); {verdict}.")
+  return out
 
 
 def _tokens_table(tokens: dict) -> list[str]:
