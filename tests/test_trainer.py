@@ -214,3 +214,16 @@ def test_kl_to_the_frozen_reference(tmp_path, shared_data):
   assert abs(rows[0]["loss/kl"]) < 1e-6
   assert rows[1]["loss/kl"] > 1e-6
   assert all(r["time/reference"] > 0 for r in rows)
+
+
+def test_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path, shared_data):
+  from tokenizers import Tokenizer, models
+  from transformers import PreTrainedTokenizerFast
+
+  vocab = {f"w{i}": i for i in range(400)}  # the tiny preset's embedding table has 272 rows
+  tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, "w0")),
+                                eos_token="w1", pad_token="w2")  # fmt: skip
+  tok.save_pretrained(tmp_path / "tok")
+  c = tiny(f"model.tokenizer_path={tmp_path / 'tok'}", shared_data)
+  with pytest.raises(ValueError, match="400 tokens but the model's vocab_size is 272"):
+    Trainer(c, str(tmp_path / "run"))

@@ -58,6 +58,7 @@ class Trainer:
     self.mesh = setup.mesh_from_config(c)
     self.tokenizer = setup.load_tokenizer(c)
     self.model_cfg, self.model = setup.load_policy(c, self.mesh)
+    setup.check_tokenizer(self.tokenizer, self.model_cfg)
     self.graphdef = nnx.graphdef(self.model)
     self.loss_cfg = setup.loss_config(c)
     self.use_ref = self.loss_cfg.kl_kind is not None
@@ -65,6 +66,7 @@ class Trainer:
     self.ref_params = (
       jax.tree.map(jnp.copy, nnx.state(self.model, nnx.Param)) if self.use_ref else None
     )
+    self._ref_fn = jax.jit(reference_logprobs, static_argnums=(0, 4))
     self.stages = stages_for(c)
     self.train_data = setup.train_prompts(c, self.tokenizer)
     self.eval_data = setup.eval_prompts(c, self.tokenizer)
@@ -79,15 +81,13 @@ class Trainer:
     self._stop = False
 
   # -- helpers ------------------------------------------------------------------------
-  def sampling_config(
-    self, temperature: float, top_p: float | None = None, max_new_tokens: int | None = None
-  ) -> sampler.SamplingConfig:
+  def sampling_config(self, temperature: float, top_p: float | None = None):
     c = self.config
     return sampler.SamplingConfig(
       temperature=temperature,
       top_p=c.rollout.top_p if top_p is None else top_p,
       top_k=c.rollout.top_k,
-      max_new_tokens=max_new_tokens or c.rollout.max_new_tokens,
+      max_new_tokens=c.rollout.max_new_tokens,
       stop_token_ids=chat.stop_ids(self.tokenizer, self.model_cfg),
       pad_id=chat.pad_id(self.tokenizer),
       prompt_buckets=tuple(c.rollout.prompt_buckets),
@@ -187,8 +187,6 @@ class Trainer:
     return gather_rows(local)
 
   def _ref_logp(self, batch, temperature):
-    if not hasattr(self, "_ref_fn"):
-      self._ref_fn = jax.jit(reference_logprobs, static_argnums=(0, 4))
     return self._ref_fn(
       self.graphdef, self.ref_params, batch, temperature, self.loss_cfg.vocab_chunk
     )
