@@ -94,10 +94,13 @@ def inverse_cdf_sample(probs_BV: jax.Array, u_B: jax.Array) -> jax.Array:
 def argmax(logits_BV: jax.Array) -> jax.Array:
   """jnp.argmax over the last axis (first index of the max) as two plain reductions: 4x
   faster on CPU than XLA's variadic (value, index) reduce."""
-  V = logits_BV.shape[-1]
-  max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
-  hit_BV = logits_BV == max_B1
-  first_B = jnp.min(jnp.where(hit_BV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+  return _first_zero(logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True))
+
+
+def _first_zero(shifted_BV: jax.Array) -> jax.Array:
+  """First index where logits - max == 0, i.e. the argmax, from already-shifted logits."""
+  V = shifted_BV.shape[-1]
+  first_B = jnp.min(jnp.where(shifted_BV == 0, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
   return jnp.minimum(first_B, V - 1)  # NaN logits match nothing: stay inside the vocab
 
 
@@ -145,7 +148,7 @@ def sample_step(logits_BV: jax.Array, keys_B: jax.Array, cfg: SamplingConfig):
   logits_BV = logits_BV.astype(jnp.float32)
   shifted_BV, log_z_B, entropy_B = policy_stats(logits_BV)
   if cfg.greedy:
-    tokens_B = argmax(logits_BV)
+    tokens_B = _first_zero(shifted_BV)  # reuses policy_stats' max: one pass fewer
     policy_B = _take(shifted_BV, tokens_B) - log_z_B
     return tokens_B, jnp.zeros_like(policy_B), policy_B, entropy_B
   logq_BV = jax.nn.log_softmax(sampling_logits(logits_BV, cfg), axis=-1)
