@@ -24,10 +24,14 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
 ]
 
+TORCH = "torch==2.13.0"  # CPU wheel; only for checks against transformers' PyTorch models
+
 EXTRAS = {
-    # PyTorch is only used by the parity tests and the sampler benchmark's peer.
+    # Loading exported checkpoints back into transformers: the toy report's HF check, the
+    # demo, the sampler benchmark's peer.
+    "hf": [TORCH],
     "test": [
-        "torch==2.13.0",
+        TORCH,
         "pytest==9.0.3",
         "pytest-xdist==3.8.0",
         "ruff==0.17.6",
