@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from egrc_jax import losses
+
 
 def connector_token_ids(tokenizer, words) -> np.ndarray:
   """Ids of the single-token spellings of the connector words ("wait", " Wait", ...)."""
@@ -19,15 +21,6 @@ def connector_token_ids(tokenizer, words) -> np.ndarray:
   return np.array(sorted(ids), np.int32)
 
 
-def high_entropy_mask(entropy_BC: np.ndarray, mask_BC: np.ndarray, rho: float) -> np.ndarray:
-  """True on the top-rho share of valid tokens by entropy (ties at the threshold included)."""
-  valid = entropy_BC[mask_BC]
-  if valid.size == 0:
-    return np.zeros_like(mask_BC)
-  threshold = np.quantile(valid, 1.0 - rho)
-  return mask_BC & (entropy_BC >= threshold)
-
-
 def rollout_metrics(rollout, correct_B, connector_ids, rho: float) -> dict[str, float]:
   lengths = np.asarray(rollout.lengths_B)
   mask = np.asarray(rollout.completion_mask_BC).astype(bool)
@@ -35,7 +28,7 @@ def rollout_metrics(rollout, correct_B, connector_ids, rho: float) -> dict[str, 
   tokens = np.asarray(rollout.completion_tokens_BC)
   valid = ent[mask]
   is_conn = np.isin(tokens, connector_ids) & mask
-  high = high_entropy_mask(ent, mask, rho)
+  high = np.asarray(losses.high_entropy_mask(ent, mask, rho)) if mask.any() else mask
   mean_or_nan = lambda x: float(x.mean()) if x.size else float("nan")
   return {
     "accuracy": float(np.mean(correct_B)),

@@ -121,7 +121,6 @@ class Trainer:
     examples = self.train_data.next_batch()
     prompts = [e["prompt_ids"] for e in examples]
     golds = [e["gold"] for e in examples]
-    nnx.update(self.model, state.params)
     scfg = self.sampling_config(stage.temperature)
     rollout = sampler.generate(
       self.model, prompts, scfg, num_samples=G, seed=_seed(c.seed, global_step), mesh=self.mesh
@@ -283,9 +282,9 @@ class Trainer:
       state, state_sh = init_state_sharded(self.model, tx, self.mesh)
       if restored_state is not None:
         state, _ = self.ckpt.restore(restored_state, state, self.model_cfg)
+        nnx.update(self.model, state.params)  # the sampler reads the model's params
         restored_state = None
         if stage_step == 0:  # saved at a stage boundary: fresh optimizer for the new stage
-          nnx.update(self.model, state.params)
           state, state_sh = init_state_sharded(self.model, tx, self.mesh)
       if train_step is None:
         train_step = make_train_step(
