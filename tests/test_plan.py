@@ -157,6 +157,7 @@ def test_cli_table_and_json(tmp_path, capsys):
     (["--preset=r1_distill_3b", *CLI], "unknown model preset 'r1_distill_3b'"),
     (["--preset=tiny", *CLI[:1], "--num_chips=8", *CLI[2:]], "has 16 devices but --num_chips=8"),
     (["--preset=tiny", "--chip=tpu", *CLI[1:]], "unknown chip 'tpu'"),
+    (["--chip=v4", "--num_chips=16"], "set --preset, --mesh, --rollout_batch"),
   ],
 )
 def test_cli_errors(argv, message, capsys):
