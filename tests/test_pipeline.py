@@ -37,8 +37,10 @@ def test_quick_pipeline_writes_the_report(quick_run):
   assert all(v["text"] in md for v in rep["verdicts"])
   seed = rep["seeds"]["0"]
   assert {m["num_problems"] for m in seed["eval"].values()} == {50}
-  for point in ("start", "switch", "after_switch", "end"):
-    assert math.isfinite(seed["entropy_points"][point]["entropy"]), point
+  for field in report.ENTROPY_CURVES:
+    for point in report.ENTROPY_POINTS:
+      assert math.isfinite(seed[field][point]["entropy"]), (field, point)
+  assert "loss/entropy" in md and "entropy/mean" in md
 
 
 def test_compress_only_is_egrc_stage_one_checkpoint(quick_run):
@@ -94,6 +96,33 @@ def test_entropy_points_use_each_step_once():
   assert p["switch"] == {"entropy": np.mean([4, 5, 6]), "steps": [4, 6]}
   assert p["after_switch"] == {"entropy": np.mean([7, 8, 9]), "steps": [7, 9]}
   assert p["end"] == {"entropy": np.mean([8, 9, 10]), "steps": [8, 10]}
+
+
+def _points(start, switch, after, end) -> dict:
+  return {n: {"entropy": v, "steps": [1, 3]} for n, v in
+          zip(report.ENTROPY_POINTS, (start, switch, after, end), strict=True)}  # fmt: skip
+
+
+def test_entropy_directions_separate_the_temperature_jump_from_the_stage_trend():
+  # Sampling-temperature curve of a run whose entropy jumps at the switch (T 0.6 -> 1.0) and
+  # then falls: the jump is reported, but it is not a rise during the enhancement stage.
+  seeds = {"0": {"p": _points(0.13, 0.04, 0.20, 0.16)}, "1": {"p": _points(0.12, 0.05, 0.22, 0.18)}}
+  compress, jump, enhance = report.entropy_directions(seeds, "p")
+  assert compress["met"] and compress["per_seed"] == pytest.approx([-0.09, -0.07])
+  assert jump["claim"] is None and jump["met"] is None and jump["mean_change"] > 0
+  assert enhance["claim"] == "rises" and not enhance["met"]
+  assert enhance["mean_change"] == pytest.approx(-0.04)
+  assert "not reproduced" in enhance["text"]
+  seeds["0"]["p"] = _points(0.2, 0.1, 0.1, 0.3)
+  seeds["1"]["p"] = _points(0.2, 0.1, 0.1, 0.12)
+  assert report.entropy_directions(seeds, "p")[2]["met"]  # mean change +0.11
+
+
+def test_entropy_points_read_either_curve():
+  rows = [{"step": s, "entropy/mean": 1.0, "loss/entropy": float(s)} for s in range(1, 9)]
+  p = report.entropy_points(rows, switch=4, k=2, key="loss/entropy")
+  assert p["switch"]["entropy"] == 3.5 and p["after_switch"]["entropy"] == 5.5
+  assert report.entropy_points(rows, switch=4, k=2)["end"]["entropy"] == 1.0
 
 
 def _tab(values: dict) -> dict:

@@ -2,8 +2,9 @@
 stage switches as vertical lines and several runs overlaid.
 
 metrics.jsonl holds one JSON object per step ({"step", "stage", "entropy/mean",
-"length/mean", "accuracy", ...}) and event rows {"step", "event"}; a stage switch is an event
-whose text starts with "stage " and contains "begins". A partial last line is skipped.
+"loss/entropy", "length/mean", "accuracy", ...}) and event rows {"step", "event"}; a stage
+switch is an event whose text starts with "stage " and contains "begins". A partial last line
+is skipped.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import pathlib
 
 from egrc_jax.analysis import common
 
-METRICS = (("entropy/mean", "policy entropy"), ("length/mean", "mean length (tokens)"),
-           ("accuracy", "accuracy"))  # fmt: skip
+METRICS = (("entropy/mean", "policy entropy (T = 1)"),
+           ("loss/entropy", "entropy at the sampling temperature"),
+           ("length/mean", "mean length (tokens)"), ("accuracy", "accuracy"))  # fmt: skip
 
 
 def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:

@@ -309,7 +309,10 @@ def run_seed(cfg: PipelineConfig, workdir: pathlib.Path, seed: int, log: Progres
     "seed": seed,
     "eval": evals,
     "switch_step": switch_step(egrc),
-    "entropy_points": report.entropy_points(rows, switch_step(egrc)),
+    **{
+      field: report.entropy_points(rows, switch_step(egrc), key=key)
+      for field, (key, _) in report.ENTROPY_CURVES.items()
+    },
     "high_entropy": tokens,
     "hf_check": check,
     "curves": str((curve_dir / "curves.png").relative_to(workdir)),
