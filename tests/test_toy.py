@@ -199,3 +199,17 @@ def test_sft_batch_masks_only_response_targets(splits, tokenizer):
     np.testing.assert_array_equal(targets, seq[p:])
     assert targets[-1] == tokenizer.eos_token_id
     assert batch["mask_BT"][r].sum() == len(seq)
+
+
+def test_sft_cli_model_size_flags(tmp_path):
+  metrics = sft_lib.main([
+    "--workdir", str(tmp_path), "--steps", "2", "--num_train", "64", "--num_test", "4",
+    "--batch_size", "8", "--num_layers", "1", "--hidden_size", "32",
+    "--intermediate_size", "48",
+  ])  # fmt: skip
+  config = json.loads((tmp_path / "sft" / "config.json").read_text())
+  assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (
+    1, 32, 48,
+  )  # fmt: skip
+  assert metrics["steps"] == 2 and metrics["num_problems"] == 4
+  assert json.loads((tmp_path / "sft_metrics.json").read_text())["steps"] == 2
