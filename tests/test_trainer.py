@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from egrc_jax.trainer import branch
 from egrc_jax.trainer import config as config_lib
 from egrc_jax.trainer.checkpoint import CheckpointError
 from egrc_jax.trainer.loop import NonFiniteError, Trainer
@@ -227,3 +228,70 @@ def test_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path, shared_data)
   c = tiny(f"model.tokenizer_path={tmp_path / 'tok'}", shared_data)
   with pytest.raises(ValueError, match="400 tokens but the model's vocab_size is 272"):
     Trainer(c, str(tmp_path / "run"))
+
+
+def test_branch_continues_exactly_or_with_new_settings(tmp_path, shared_data):
+  src = tmp_path / "src"
+  Trainer(tiny("checkpoint.keep=10", shared_data), str(src)).run()  # 2 + 2 steps
+  before = (src / "metrics.jsonl").read_text()
+  rows_src, _ = read_metrics(src)
+  # Same settings: the branch at the stage boundary continues exactly as the source did.
+  same = branch.branch(src, 2, tmp_path / "same")
+  Trainer(tiny("", shared_data), str(same)).run()
+  rows, events = read_metrics(same)
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  for a, b in zip(rows_src, rows, strict=True):
+    for key in ("loss", "grad_norm", "reward/total", "length/mean", "entropy/mean"):
+      assert a[key] == b[key], (a["step"], key)
+  begins = [e for e in events if e["event"] == "stage enhance begins"]
+  assert [e["step"] for e in begins] == [2]  # logged once, by the resumed run
+  assert sum(e["event"].startswith("branched from") for e in events) == 1
+  # Changed stage-2 settings apply from the branch point on; stage 1 is the source's.
+  hot = branch.branch(src, 2, tmp_path / "hot")
+  Trainer(tiny("enhance.temperature=1.5", shared_data), str(hot)).run()
+  rows, events = read_metrics(hot)
+  assert [r["temperature"] for r in rows] == [0.6, 0.6, 1.5, 1.5]
+  assert [r["loss"] for r in rows[:2]] == [r["loss"] for r in rows_src[:2]]
+  assert [e["temperature"] for e in events if e["event"] == "stage enhance begins"] == [1.5]
+  assert (src / "metrics.jsonl").read_text() == before  # the source is only read
+
+
+def test_branch_metrics_rows():
+  rows = [
+    {"step": 1, "loss": 0.1},
+    {"step": 2, "loss": 0.2},
+    {"step": 2, "eval/compress/accuracy": 0.5},
+    {"step": 2, "event": "stage enhance begins"},
+    {"step": 2, "event": "resumed"},
+    {"step": 3, "loss": 0.3},
+    {"step": 3, "event": "run finished"},
+  ]
+  lines = [json.dumps(r) + "\n" for r in rows] + ['{"step": 4, "lo']  # a torn last line
+  kept = [json.loads(x) for x in branch.branch_metrics(lines, 2)]
+  assert kept == [rows[0], rows[1], rows[2], rows[4]]
+
+
+def test_branch_refuses_bad_input(tmp_path):
+  run = tmp_path / "run"
+  with pytest.raises(branch.BranchError, match="not a directory"):
+    branch.branch(run, 2, tmp_path / "b")
+  (run / "checkpoints" / "3" / "state").mkdir(parents=True)  # never committed
+  with pytest.raises(branch.BranchError, match="no complete checkpoint"):
+    branch.branch(run, 3, tmp_path / "b")
+  (run / "checkpoints" / "2" / "state").mkdir(parents=True)
+  (run / "checkpoints" / "2" / "commit_success.txt").write_text("")
+  with pytest.raises(branch.BranchError, match=r"step 3 .*available: \[2\]"):
+    branch.branch(run, 3, tmp_path / "b")
+  full = tmp_path / "full"
+  full.mkdir()
+  (full / "notes.txt").write_text("keep me")
+  with pytest.raises(branch.BranchError, match="not empty"):
+    branch.branch(run, 2, full)
+  assert (full / "notes.txt").read_text() == "keep me"
+  with pytest.raises(branch.BranchError, match="must differ"):
+    branch.branch(run, 2, run)
+  with pytest.raises(SystemExit, match="available"):
+    branch.main(["--source", str(run), "--step", "7", "--dest", str(tmp_path / "c")])
+  out = branch.branch(run, 2, tmp_path / "ok")
+  assert (out / "checkpoints" / "2" / "commit_success.txt").is_file()
+  assert not (out / "checkpoints" / "3").exists()
