@@ -273,6 +273,8 @@ def test_branch_metrics_rows():
 
 def test_branch_refuses_bad_input(tmp_path):
   run = tmp_path / "run"
+  with pytest.raises(branch.BranchError, match="local directories"):
+    branch.branch("gs://bucket/run", 2, tmp_path / "b")
   with pytest.raises(branch.BranchError, match="not a directory"):
     branch.branch(run, 2, tmp_path / "b")
   (run / "checkpoints" / "3" / "state").mkdir(parents=True)  # never committed

@@ -240,11 +240,11 @@ def entropy_directions(seeds: dict, field: str = "entropy_points") -> list[dict]
     went = "rises" if mean > 0 else "descends"
     changes = ", ".join(f"{d:+.3f}" for d in deltas)
     text = f"{name}: entropy {went} on average (per seed {changes})"
+    met = None if claim is None else went == claim
     if claim is not None:
-      ok = went == claim
-      text += "; as the paper says" if ok else f"; the paper says it {claim}: not reproduced"
+      text += "; as the paper says" if met else f"; the paper says it {claim}: not reproduced"
     out.append({"span": name, "claim": claim, "mean_change": mean, "per_seed": deltas,
-                "met": None if claim is None else went == claim, "text": text})  # fmt: skip
+                "met": met, "text": text})  # fmt: skip
   return out
 
 

@@ -68,6 +68,12 @@ def branch_metrics(lines: list[str], step: int) -> list[str]:
 
 def branch(source, step: int, dest) -> pathlib.Path:
   """Create `dest` as a branch of the run in `source` at checkpoint `step`; returns dest."""
+  if "://" in f"{source}{dest}":
+    raise BranchError(
+      "branch works on local directories; for a gs:// run copy checkpoints/<step>, "
+      "config.json and metrics.jsonl to a local directory first (or branch there with gsutil "
+      "by the same recipe: docs/trainer.md)"
+    )
   source, dest = pathlib.Path(source), pathlib.Path(dest)
   if not source.is_dir():
     raise BranchError(f"--source {source} is not a directory: pass a trainer --workdir")
