@@ -113,6 +113,16 @@ def test_greedy_matches_transformers_generate(pairs, family):
   assert decode_texts(r, _Tok()) == [" ".join(map(str, g)) for g in got]
 
 
+def test_long_greedy_rollout_matches_transformers(pairs):
+  # 140 new tokens, no stop token: every row decodes to the end of a 156-slot cache.
+  tm, ours = pairs["qwen2"]
+  C = 140
+  theirs = _hf_greedy(tm, PROMPTS, C, eos=None, pad=0)
+  cfg = SamplingConfig(greedy=True, max_new_tokens=C, pad_id=0, prompt_buckets=BUCKETS)
+  got = np.asarray(generate(ours, PROMPTS, cfg).completion_tokens_BC)
+  np.testing.assert_array_equal(got, theirs)
+
+
 class _Tok:
   def decode(self, ids, skip_special_tokens=True):
     return " ".join(map(str, ids))
