@@ -3,8 +3,8 @@ stage switches as vertical lines and several runs overlaid.
 
 metrics.jsonl holds one JSON object per step ({"step", "stage", "entropy/mean",
 "loss/entropy", "length/mean", "accuracy", ...}) and event rows {"step", "event"}; a stage
-switch is an event whose text starts with "stage " and contains "begins". A partial last line
-is skipped.
+switch is an event that `trainer.metrics.is_stage_begin` recognises ("stage X begins"). A
+partial last line is skipped.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import pathlib
 
 from egrc_jax.analysis import common
+from egrc_jax.trainer.metrics import is_stage_begin
 
 METRICS = (("entropy/mean", "policy entropy (T = 1)"),
            ("loss/entropy", "entropy at the sampling temperature"),
@@ -38,8 +39,7 @@ def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
 
 def stage_switches(events: list[dict]) -> list[tuple[int, str]]:
   """(step, event text) of every stage switch."""
-  return [(int(e["step"]), str(e["event"])) for e in events
-          if str(e["event"]).startswith("stage ") and "begins" in str(e["event"])]  # fmt: skip
+  return [(int(e["step"]), str(e["event"])) for e in events if is_stage_begin(e["event"])]
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

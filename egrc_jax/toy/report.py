@@ -202,7 +202,7 @@ def _seed_table(seeds: dict) -> list[str]:
   return lines
 
 
-def _entropy_table(seeds: dict, field: str = "entropy_points") -> list[str]:
+def _entropy_table(seeds: dict, field: str, directions: list[dict]) -> list[str]:
   names = ENTROPY_POINTS
   lines = ["| seed | " + " | ".join(names) + " |", "| --- " * 5 + "|"]
   for s in seeds.values():
@@ -214,7 +214,7 @@ def _entropy_table(seeds: dict, field: str = "entropy_points") -> list[str]:
       for n in names
     ]
     lines.append(f"| {s['seed']} | " + " | ".join(cells) + " |")
-  return [*lines, "", *[f"- {d['text']}." for d in entropy_directions(seeds, field)]]
+  return [*lines, "", *[f"- {d['text']}." for d in directions]]
 
 
 # (name, (from point, to point), the paper's claim or None for a plain measurement)
@@ -225,7 +225,7 @@ _ENTROPY_SPANS = (
 )
 
 
-def entropy_directions(seeds: dict, field: str = "entropy_points") -> list[dict]:
+def entropy_directions(seeds: dict, field: str) -> list[dict]:
   """Per span of the run, the mean change of one entropy curve over seeds and, where the paper
   makes a claim (descends in stage 1, rises in stage 2), whether the numbers agree. The
   enhancement span starts after the switch, so a jump that only follows the temperature
@@ -284,6 +284,7 @@ def _hf_lines(check: dict) -> list[str]:
 
 def markdown(rep: dict) -> str:
   st, seeds, n = rep["settings"], rep["seeds"], len(rep["seeds"])
+  directions = rep["entropy_directions"]
   rl = st["rl_config_values"]
   first = next(iter(seeds.values()))
   lines = [
@@ -311,7 +312,7 @@ def markdown(rep: dict) -> str:
     *[
       f"- {d['text']} (`{ENTROPY_CURVES[f][0]}`): **{'met' if d['met'] else 'not met'}**"
       for f in ENTROPY_CURVES
-      for d in entropy_directions(seeds, f)
+      for d in directions[f]
       if d["claim"]
     ],
     "",
@@ -330,7 +331,7 @@ def markdown(rep: dict) -> str:
     "",
   ]
   for field, (key, what) in ENTROPY_CURVES.items():
-    lines += [f"**`{key}`**: {what}.", "", *_entropy_table(seeds, field), ""]
+    lines += [f"**`{key}`**: {what}.", "", *_entropy_table(seeds, field, directions[field]), ""]
   lines += [
     "The sampling-temperature curve jumps at the switch because T rises from "
     f"{rl['compress']['temperature']} to {rl['enhance']['temperature']}: the same policy is "

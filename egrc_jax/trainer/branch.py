@@ -23,6 +23,8 @@ import json
 import pathlib
 import shutil
 
+from egrc_jax.trainer.metrics import RUN_FINISHED, is_stage_begin
+
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 
@@ -44,8 +46,8 @@ def checkpoint_steps(run_dir: pathlib.Path) -> list[int]:
 
 
 def _rewritten_event(row: dict) -> bool:
-  text = str(row.get("event", ""))
-  return (text.startswith("stage ") and "begins" in text) or text == "run finished"
+  """An event that the resumed run writes again itself at the branch step."""
+  return is_stage_begin(row["event"]) or row["event"] == RUN_FINISHED
 
 
 def branch_metrics(lines: list[str], step: int) -> list[str]:

@@ -35,7 +35,7 @@ from egrc_jax.train import (
 from egrc_jax.trainer import batch as batch_lib
 from egrc_jax.trainer import diagnostics, setup
 from egrc_jax.trainer.checkpoint import Checkpointer, check_writable, json_model_config
-from egrc_jax.trainer.metrics import MetricsWriter
+from egrc_jax.trainer.metrics import RUN_FINISHED, MetricsWriter, stage_begins
 from egrc_jax.trainer.stages import EntropySwitch, Stage, stages_for
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ class Trainer:
       if stage_step == 0:
         self.writer.event(
           global_step,
-          f"stage {stage.name} begins",
+          stage_begins(stage.name),
           temperature=stage.temperature,
           reward=stage.reward,
           advantage=stage.advantage,
@@ -367,5 +367,5 @@ class Trainer:
         self.writer.event(global_step, "stopping early: checkpoint saved; re-run to resume")
         return {"preempted": True, "global_step": global_step}
     results["global_step"] = global_step
-    self.writer.event(global_step, "run finished", switch_steps=self.switch_steps)
+    self.writer.event(global_step, RUN_FINISHED, switch_steps=self.switch_steps)
     return results

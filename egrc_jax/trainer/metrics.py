@@ -25,6 +25,19 @@ _CONSOLE_KEYS = (
 )
 
 
+RUN_FINISHED = "run finished"
+
+
+def stage_begins(stage_name: str) -> str:
+  """The event text that marks the start of a stage (readers use `is_stage_begin`)."""
+  return f"stage {stage_name} begins"
+
+
+def is_stage_begin(message) -> bool:
+  text = str(message)
+  return text.startswith("stage ") and text.endswith(" begins")
+
+
 class MetricsWriter:
   def __init__(self, workdir: str, total_steps: int, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0
