@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -52,8 +53,9 @@ def test_values_stay_in_range(splits):
     assert all(0 <= v <= cfg.value_max for v in p.values)
 
 
-def test_verbose_cot_boxes_the_true_answer_when_slips_are_fixed(splits):
-  cfg = T.CotConfig(slip_prob=0.5, fix_prob=1.0, recheck_prob=0.7)
+@pytest.mark.parametrize("style", T.CHECK_STYLES)
+def test_verbose_cot_boxes_the_true_answer_when_slips_are_fixed(splits, style):
+  cfg = T.CotConfig(check_style=style, slip_prob=0.5, fix_prob=1.0, recheck_prob=0.7)
   rng = np.random.default_rng(0)
   for p in splits[0][:300]:
     text, boxed = T.verbose_cot(p, rng, cfg)
@@ -64,9 +66,10 @@ def test_verbose_cot_boxes_the_true_answer_when_slips_are_fixed(splits):
     assert is_correct(T.concise_cot(p), p.answer)
 
 
-def test_unfixed_slips_give_wrong_answers(splits):
+@pytest.mark.parametrize("style", T.CHECK_STYLES)
+def test_unfixed_slips_give_wrong_answers(splits, style):
   rng = np.random.default_rng(0)
-  cfg = T.CotConfig(slip_prob=1.0, fix_prob=0.0)
+  cfg = T.CotConfig(check_style=style, slip_prob=1.0, slip_prob_2d=1.0, fix_prob=0.0)
   problems = splits[0][:100]
   results = [T.verbose_cot(p, rng, cfg) for p in problems]
   # Every step slips and none is fixed; the boxed answer is right only when the slips cancel
@@ -76,15 +79,19 @@ def test_unfixed_slips_give_wrong_answers(splits):
   assert all(is_correct(text, boxed) for text, boxed in results)
 
 
-def test_verbose_part_is_removable(splits):
-  bare = T.CotConfig(recheck_prob=0, slip_prob=0, preamble_prob=0, conclusion_prob=0)
+@pytest.mark.parametrize("style", T.CHECK_STYLES)
+def test_verbose_part_is_removable(splits, style):
+  bare = T.CotConfig(check_style=style, recheck_prob=0, slip_prob=0, slip_prob_2d=0,
+                     preamble_prob=0, conclusion_prob=0)  # fmt: skip
   rng = np.random.default_rng(0)
   for p in splits[0][:50]:
     assert T.verbose_cot(p, rng, bare)[0] == T.concise_cot(p)
 
 
-def test_recheck_count_respects_cap(splits):
-  cfg = T.CotConfig(recheck_prob=1.0, max_rechecks=3, slip_prob=0.0)
+@pytest.mark.parametrize("style", T.CHECK_STYLES)
+def test_recheck_count_respects_cap(splits, style):
+  cfg = T.CotConfig(check_style=style, recheck_prob=1.0, max_rechecks=3, slip_prob=0.0,
+                    slip_prob_2d=0.0)  # fmt: skip
   rng = np.random.default_rng(0)
   text, _ = T.verbose_cot(splits[0][0], rng, cfg)
   steps = len(splits[0][0].ops)
@@ -92,9 +99,68 @@ def test_recheck_count_respects_cap(splits):
   assert steps + 3 <= text.count(" .") <= steps + 3 + 2
 
 
+def test_careful_check_recomputes_from_one_digit_facts():
+  rng = np.random.default_rng(0)
+
+  def body(*step):  # the check after its varied opener
+    return T.careful_check(rng, *step).split(" : ", 1)[1]
+
+  assert body(18, "add", 5, 23, 22) == "8 + 5 = 13 , so 18 + 5 = 23 , not 22 ."
+  assert body(23, "minus", 4, 19) == "13 - 4 = 9 , so 23 - 4 = 19 ."
+  assert body(27, "minus", 4, 23) == "7 - 4 = 3 , so 27 - 4 = 23 ."
+  assert body(13, "times", 3, 39) == "10 * 3 = 30 , 3 * 3 = 9 , so 13 * 3 = 39 ."
+  assert body(7, "add", 5, 12) == "7 + 5 = 12 ."
+  openers = {T.careful_check(rng, 7, "add", 5, 12).split(" : ")[0] for _ in range(400)}
+  assert len(openers) == 5 * 3 * 5  # connector x verb x object, all drawn
+
+
+def test_careful_checks_are_true_and_catch_every_slip(splits):
+  """Every equation a careful solution writes is true except a slipped first computation, and
+  each slip is followed by a check that ends in the right value and rejects the slip."""
+  cfg = T.CotConfig(check_style="careful", slip_prob=0.3, slip_prob_2d=0.5)
+  rng = np.random.default_rng(1)
+  slips = 0
+  for p in splits[0][:300]:
+    text, _ = T.verbose_cot(p, rng, cfg)
+    sentences = text.split(" . ")
+    for i, sentence in enumerate(sentences):
+      eqs = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", sentence)
+      if not eqs:
+        continue
+      truth = [int(c) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[o]
+               for a, o, b, c in eqs]  # fmt: skip
+      if " : " in sentence:  # a re-check: every equation in it is true
+        assert all(truth), sentence
+      elif not truth[0]:  # a slipped step: the next sentence is the check that fixes it
+        slips += 1
+        nxt = sentences[i + 1]
+        assert " : " in nxt and nxt.endswith(f", not {eqs[0][3]}"), (sentence, nxt)
+        a, o, b, c = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", nxt)[-1]
+        assert (a, o, b) == eqs[0][:3] and c != eqs[0][3]
+  assert slips > 50
+
+
+def test_cot_overrides():
+  cfg = T.cot_from_overrides("check_style=careful, recheck_prob=0.8,max_rechecks=10")
+  assert cfg == T.CotConfig(check_style="careful", recheck_prob=0.8, max_rechecks=10)
+  assert T.cot_from_overrides("") == T.CotConfig()
+  base = T.CotConfig(recheck_prob=0.3)
+  assert T.cot_from_overrides("slip_prob=0.2", base) == T.CotConfig(recheck_prob=0.3, slip_prob=0.2)
+  with pytest.raises(ValueError, match="expected key=value with key one of"):
+    T.cot_from_overrides("recheck=0.5")
+  with pytest.raises(ValueError, match="not a valid int"):
+    T.cot_from_overrides("max_rechecks=2.5")
+  with pytest.raises(ValueError, match="check_style"):
+    T.cot_from_overrides("check_style=loud")
+  with pytest.raises(ValueError, match="recheck_prob"):
+    T.cot_from_overrides("recheck_prob=1.5")
+
+
 def test_config_validation():
   with pytest.raises(ValueError, match="slip_prob"):
     T.CotConfig(slip_prob=1.5)
+  with pytest.raises(ValueError, match="check_style"):
+    T.CotConfig(check_style="loud")
   with pytest.raises(ValueError, match="min_ops"):
     T.TaskConfig(min_ops=4, max_ops=3)
 
@@ -201,12 +267,21 @@ def test_sft_batch_masks_only_response_targets(splits, tokenizer):
     assert batch["mask_BT"][r].sum() == len(seq)
 
 
-def test_sft_cli_model_size_flags(tmp_path):
+def test_sft_cli_model_size_and_cot_flags(tmp_path, monkeypatch):
+  seen = {}
+  train = sft_lib.train_sft
+
+  def spy(cfg, *args, **kwargs):
+    seen["cot"] = cfg.cot
+    return train(cfg, *args, **kwargs)
+
+  monkeypatch.setattr(sft_lib, "train_sft", spy)
   metrics = sft_lib.main([
     "--workdir", str(tmp_path), "--steps", "2", "--num_train", "64", "--num_test", "4",
     "--batch_size", "8", "--num_layers", "1", "--hidden_size", "32",
-    "--intermediate_size", "48",
+    "--intermediate_size", "48", "--cot", "check_style=careful,max_rechecks=2",
   ])  # fmt: skip
+  assert seen["cot"] == T.CotConfig(check_style="careful", max_rechecks=2)
   config = json.loads((tmp_path / "sft" / "config.json").read_text())
   assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (
     1, 32, 48,

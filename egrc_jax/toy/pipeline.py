@@ -346,6 +346,8 @@ def config_from_args(args) -> PipelineConfig:
     sft = dataclasses.replace(sft, steps=args.sft_steps)
   if args.num_test:
     sft = dataclasses.replace(sft, num_test=args.num_test)
+  if args.cot:
+    sft = dataclasses.replace(sft, cot=task_lib.cot_from_overrides(args.cot, sft.cot))
   return PipelineConfig(
     seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
     sft=sft,
@@ -365,6 +367,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--num_test", type=int, default=0, help="0: 500 (50 with --quick)")
   parser.add_argument("--rl_config", default=PipelineConfig.rl_config)
   parser.add_argument("--rl_overrides", default="", help="key=value,... for every RL arm")
+  parser.add_argument("--cot", default="", help="SFT chain-of-thought knobs, key=value,...")
   parser.add_argument("--quick", action="store_true", help="the test's shortened pipeline")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -232,8 +232,12 @@ def main(argv=None) -> dict:
   parser.add_argument("--hidden_size", type=int, default=d.hidden_size)
   parser.add_argument("--intermediate_size", type=int, default=d.intermediate_size)
   parser.add_argument("--num_layers", type=int, default=d.num_layers)
+  parser.add_argument(
+    "--cot", default="", help="chain-of-thought knobs, key=value,... (task.CotConfig)"
+  )
   args = parser.parse_args(argv)
-  cfg = SftConfig(**{k: v for k, v in vars(args).items() if k != "workdir"})
+  kwargs = {k: v for k, v in vars(args).items() if k not in ("workdir", "cot")}
+  cfg = SftConfig(**kwargs, cot=task_lib.cot_from_overrides(args.cot))
   workdir = pathlib.Path(args.workdir)
   tokenizer = tok_lib.build_tokenizer(workdir / "tokenizer")
   train, test = task_lib.make_splits(cfg.task, cfg.num_train, cfg.num_test, seed=cfg.seed)

@@ -9,11 +9,18 @@ Two solution formats, both in the R1 shape (the chat template's generation promp
 "<think>", the response is the reasoning, then "</think> \\boxed{N}"):
   * concise: the necessary steps only
       "7 + 5 = 12 . 12 * 3 = 36 . 36 - 4 = 32 . </think> \\boxed{32}"
-  * verbose: the same steps, plus re-checks opened by connectors ("wait", "hmm", "so",
-    "therefore", "alternatively", "let me ...") and planted slips (a step first computed
-    wrong, then "wait , that is wrong ." and the right value). Re-checks only restate or
-    invert a step already made, so the answer is always computable from the necessary steps
-    alone: the verbose part is removable.
+  * verbose (the default, `check_style="restate"`): the same steps, plus re-checks opened by
+    connectors ("wait", "hmm", "so", "therefore", "alternatively", "let me ...") and planted
+    slips (a step first computed wrong, then "wait , that is wrong ." and the right value).
+    Re-checks only restate or invert a step already made.
+  * `check_style="careful"` (an alternative, docs/toy.md): a re-check recomputes the step by
+    a route that needs only one-digit facts (the units digit first, with the carry or borrow
+    in plain sight; tens and units products apart), then restates it, with a varied opening
+    ("hmm , let me verify that :"): "18 + 5 = 22 . wait , let me check : 8 + 5 = 13 , so
+    18 + 5 = 23 , not 22 ." Slips (a wrong units digit, frequent on steps from a two-digit
+    value) are caught by such a check, and the chain goes on from the checked value.
+  In both, the answer is always computable from the necessary steps alone: the verbose part
+  is removable.
 
 Train and test are split by a stable hash of the problem text, so they are disjoint by
 construction and each problem's split does not depend on how many were drawn.
@@ -28,7 +35,8 @@ import numpy as np
 
 OPS = ("add", "minus", "times")
 _SYMBOL = {"add": "+", "minus": "-", "times": "*"}
-CONNECTORS = ("wait", "hmm", "so", "therefore", "alternatively", "let", "okay")
+CONNECTORS = ("wait", "hmm", "but", "so", "therefore", "alternatively", "let", "okay")
+CHECK_STYLES = ("careful", "restate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,20 +66,46 @@ class TaskConfig:
 class CotConfig:
   """Knobs of the verbose chain-of-thought generator (all probabilities in [0, 1])."""
 
+  check_style: str = "restate"  # "restate" (the default) | "careful" (recomputing re-checks)
   recheck_prob: float = 0.65  # after each step (and each re-check), P(one more re-check)
   max_rechecks: int = 6  # cap on re-checks per solution
-  slip_prob: float = 0.1  # P(a step is first written with a wrong result)
-  fix_prob: float = 1.0  # P(a slip is caught by "wait , that is wrong ." and fixed)
+  slip_prob: float = 0.1  # P(a step is first written wrong; "careful": from a one-digit value)
+  slip_prob_2d: float = 0.5  # "careful": P(a step from a two-digit value is first written wrong)
+  fix_prob: float = 1.0  # P(a slip is caught by a re-check and fixed); else carried on
   preamble_prob: float = 0.5  # P("okay , let me work through this step by step .")
   conclusion_prob: float = 0.5  # P("so the final answer is N .") before </think>
 
   def __post_init__(self):
-    for name in ("recheck_prob", "slip_prob", "fix_prob", "preamble_prob", "conclusion_prob"):
+    if self.check_style not in CHECK_STYLES:
+      raise ValueError(f"check_style={self.check_style!r}: use one of {CHECK_STYLES}")
+    names = ("recheck_prob", "slip_prob", "slip_prob_2d", "fix_prob", "preamble_prob",
+             "conclusion_prob")  # fmt: skip
+    for name in names:
       p = getattr(self, name)
       if not 0.0 <= p <= 1.0:
         raise ValueError(f"{name}={p} must be a probability in [0, 1]")
     if self.max_rechecks < 0:
       raise ValueError(f"max_rechecks={self.max_rechecks} must be >= 0")
+
+
+def cot_from_overrides(text: str, base: CotConfig | None = None) -> CotConfig:
+  """CotConfig from "key=value,key=value" (the `--cot` flag), on top of `base`."""
+  base = base or CotConfig()
+  fields = {f.name: f for f in dataclasses.fields(CotConfig)}
+  changes = {}
+  for item in (x.strip() for x in text.split(",")):
+    if not item:
+      continue
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or key not in fields:
+      raise ValueError(f"--cot item {item!r}: expected key=value with key one of {sorted(fields)}")
+    kind = type(getattr(base, key))
+    try:
+      changes[key] = kind(value.strip())
+    except ValueError:
+      raise ValueError(f"--cot {key}={value!r}: not a valid {kind.__name__}") from None
+  return dataclasses.replace(base, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,14 +252,87 @@ def _slip(rng: np.random.Generator, c: int) -> int:
   return c + deltas[int(rng.integers(len(deltas)))]
 
 
+_OPENERS = ("wait", "hmm", "but", "okay", "so")
+_VERBS = ("check", "verify", "double check")
+_OBJECTS = ("", " that", " that again", " this", " it")
+
+
+def check_opener(rng: np.random.Generator) -> str:
+  """The opening "<connector> , let me <verb>[ <object>] :", each part drawn uniformly: the
+  phrasing varies as a real model's does, so a re-check is a high-entropy stretch of text."""
+
+  def pick(xs):
+    return xs[int(rng.integers(len(xs)))]
+
+  return f"{pick(_OPENERS)} , let me {pick(_VERBS)}{pick(_OBJECTS)} :"
+
+
+def careful_check(
+  rng: np.random.Generator, a: int, op: str, b: int, c: int, wrong: int | None = None
+) -> str:
+  """A re-check of a op b = c that recomputes it from one-digit facts (for a two-digit a):
+  add / minus the units digit first, borrowing ten when needed ("13 - 4 = 9 , so 23 - 4 =
+  19"); times the tens and the units apart. A one-digit step is restated. `wrong`: the value
+  first written, which the check rejects (", not 22")."""
+  u = a % 10
+  parts = []
+  if a >= 10:
+    if op == "add":
+      parts.append(f"{u} + {b} = {u + b}")
+    elif op == "minus":
+      uu = u if u >= b else u + 10
+      parts.append(f"{uu} - {b} = {uu - b}")
+    else:
+      parts += [f"{a - u} * {b} = {(a - u) * b}", f"{u} * {b} = {u * b}"]
+  parts.append(("so " if parts else "") + _eq(a, op, b, c))
+  text = check_opener(rng) + " " + " , ".join(parts)
+  return text + (f" , not {wrong} ." if wrong is not None else " .")
+
+
+def _units_slip(rng: np.random.Generator, c: int) -> int:
+  """A wrong units digit: c +- 1 or 2 (never negative, unless an unfixed slip carried a
+  negative value on, which only moves up)."""
+  deltas = [d for d in (-2, -1, 1, 2) if c + d >= 0] or [1, 2]
+  return c + deltas[int(rng.integers(len(deltas)))]
+
+
+def _careful_cot(p: Problem, rng: np.random.Generator, cfg: CotConfig) -> tuple[str, int]:
+  parts: list[str] = []
+  if rng.random() < cfg.preamble_prob:
+    parts.append("okay , let me work through this step by step .")
+  v, rechecks = p.start, 0
+  for op, b in p.ops:
+    c = apply_op(v, op, b)
+    if rng.random() < (cfg.slip_prob_2d if v >= 10 else cfg.slip_prob):
+      wrong = _units_slip(rng, c)
+      parts.append(_eq(v, op, b, wrong) + " .")
+      if rng.random() < cfg.fix_prob:
+        parts.append(careful_check(rng, v, op, b, c, wrong))
+      else:
+        c = wrong
+    else:
+      parts.append(_eq(v, op, b, c) + " .")
+    while rechecks < cfg.max_rechecks and rng.random() < cfg.recheck_prob:
+      parts.append(careful_check(rng, v, op, b, c))
+      rechecks += 1
+    v = c
+  if rng.random() < cfg.conclusion_prob:
+    parts.append(f"so the final answer is {v} .")
+  parts.append(_final(v))
+  return " ".join(parts), v
+
+
 def verbose_cot(p: Problem, rng: np.random.Generator, cfg: CotConfig) -> tuple[str, int]:
   """A verbose solution and the answer it boxes (wrong only if a slip went unfixed).
 
   After each step, re-checks are appended while U < recheck_prob (at most max_rechecks per
   solution), so their count per step is geometric. A slip writes a wrong result; with
-  fix_prob it is immediately followed by "wait , that is wrong . <right step>", otherwise the
-  chain carries the wrong value on.
+  fix_prob it is caught: "careful" follows it with a recomputing check that rejects it,
+  "restate" with "wait , that is wrong . <right step>". Otherwise the chain carries the
+  wrong value on.
   """
+  if cfg.check_style == "careful":
+    return _careful_cot(p, rng, cfg)
   parts: list[str] = []
   if rng.random() < cfg.preamble_prob:
     parts.append("okay , let me work through this step by step .")
