@@ -296,32 +296,6 @@ def _units_slip(rng: np.random.Generator, c: int) -> int:
   return c + deltas[int(rng.integers(len(deltas)))]
 
 
-def _careful_cot(p: Problem, rng: np.random.Generator, cfg: CotConfig) -> tuple[str, int]:
-  parts: list[str] = []
-  if rng.random() < cfg.preamble_prob:
-    parts.append("okay , let me work through this step by step .")
-  v, rechecks = p.start, 0
-  for op, b in p.ops:
-    c = apply_op(v, op, b)
-    if rng.random() < (cfg.slip_prob_2d if v >= 10 else cfg.slip_prob):
-      wrong = _units_slip(rng, c)
-      parts.append(_eq(v, op, b, wrong) + " .")
-      if rng.random() < cfg.fix_prob:
-        parts.append(careful_check(rng, v, op, b, c, wrong))
-      else:
-        c = wrong
-    else:
-      parts.append(_eq(v, op, b, c) + " .")
-    while rechecks < cfg.max_rechecks and rng.random() < cfg.recheck_prob:
-      parts.append(careful_check(rng, v, op, b, c))
-      rechecks += 1
-    v = c
-  if rng.random() < cfg.conclusion_prob:
-    parts.append(f"so the final answer is {v} .")
-  parts.append(_final(v))
-  return " ".join(parts), v
-
-
 def verbose_cot(p: Problem, rng: np.random.Generator, cfg: CotConfig) -> tuple[str, int]:
   """A verbose solution and the answer it boxes (wrong only if a slip went unfixed).
 
@@ -331,25 +305,28 @@ def verbose_cot(p: Problem, rng: np.random.Generator, cfg: CotConfig) -> tuple[s
   "restate" with "wait , that is wrong . <right step>". Otherwise the chain carries the
   wrong value on.
   """
-  if cfg.check_style == "careful":
-    return _careful_cot(p, rng, cfg)
+  careful = cfg.check_style == "careful"
   parts: list[str] = []
   if rng.random() < cfg.preamble_prob:
     parts.append("okay , let me work through this step by step .")
   v, rechecks = p.start, 0
   for op, b in p.ops:
     c = apply_op(v, op, b)
-    if rng.random() < cfg.slip_prob:
-      wrong = _slip(rng, c)
+    if rng.random() < (cfg.slip_prob_2d if careful and v >= 10 else cfg.slip_prob):
+      wrong = _units_slip(rng, c) if careful else _slip(rng, c)
       parts.append(_eq(v, op, b, wrong) + " .")
       if rng.random() < cfg.fix_prob:
-        parts.append(f"wait , that is wrong . {_eq(v, op, b, c)} , not {wrong} .")
+        parts.append(
+          careful_check(rng, v, op, b, c, wrong)
+          if careful
+          else f"wait , that is wrong . {_eq(v, op, b, c)} , not {wrong} ."
+        )
       else:
         c = wrong
     else:
       parts.append(_eq(v, op, b, c) + " .")
     while rechecks < cfg.max_rechecks and rng.random() < cfg.recheck_prob:
-      parts.append(_recheck(rng, v, op, b, c))
+      parts.append(careful_check(rng, v, op, b, c) if careful else _recheck(rng, v, op, b, c))
       rechecks += 1
     v = c
   if rng.random() < cfg.conclusion_prob:
