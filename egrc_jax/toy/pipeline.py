@@ -353,7 +353,8 @@ def config_from_args(args) -> PipelineConfig:
     sft=sft,
     rl_config=args.rl_config,
     rl_overrides=args.rl_overrides,
-    eval_max_new_tokens=QUICK_MAX_NEW_TOKENS if args.quick else PipelineConfig.eval_max_new_tokens,
+    eval_max_new_tokens=args.eval_max_new_tokens
+    or (QUICK_MAX_NEW_TOKENS if args.quick else PipelineConfig.eval_max_new_tokens),
     high_entropy_prompts=50 if args.quick else PipelineConfig.high_entropy_prompts,
     quick=args.quick,
   )
@@ -368,6 +369,10 @@ def main(argv=None) -> dict:
   parser.add_argument("--rl_config", default=PipelineConfig.rl_config)
   parser.add_argument("--rl_overrides", default="", help="key=value,... for every RL arm")
   parser.add_argument("--cot", default="", help="SFT chain-of-thought knobs, key=value,...")
+  parser.add_argument(
+    "--eval_max_new_tokens", type=int, default=0,
+    help="0: 256 (64 with --quick); raise it when the SFT model's answers get truncated",
+  )  # fmt: skip
   parser.add_argument("--quick", action="store_true", help="the test's shortened pipeline")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
