@@ -76,6 +76,23 @@ def test_hf_export_check_ran_and_matches(quick_run):
   assert check["all_match"], [(r["text_ours"], r["text_transformers"]) for r in check["records"]]
 
 
+def test_cli_flags_reach_the_pipeline_config():
+  def config(*flags):
+    return pipeline.config_from_args(pipeline.build_parser().parse_args(["--workdir=x", *flags]))
+
+  assert config().eval_max_new_tokens == 256 and config("--quick").eval_max_new_tokens == 64
+  assert config("--eval_max_new_tokens=448").eval_max_new_tokens == 448
+  cfg = config("--cot=check_style=careful,recheck_prob=0.8", "--sft_steps=900")
+  assert cfg.sft.cot == T.CotConfig(check_style="careful", recheck_prob=0.8)
+  assert cfg.sft.steps == 900
+  # --quick's own re-check rate stays unless --cot sets it.
+  assert config("--quick", "--cot=check_style=careful").sft.cot.recheck_prob == 0.3
+  with pytest.raises(ValueError, match="eval_max_new_tokens=-1"):
+    config("--eval_max_new_tokens=-1")
+  with pytest.raises(ValueError, match="expected key=value"):
+    config("--cot=recheck=0.5")
+
+
 def test_parse_problem_round_trips():
   train, _ = T.make_splits(T.TaskConfig(), 50, 5, seed=3)
   for p in train:

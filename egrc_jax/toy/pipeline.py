@@ -360,7 +360,7 @@ def config_from_args(args) -> PipelineConfig:
   )
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
@@ -374,7 +374,11 @@ def main(argv=None) -> dict:
     help="0: 256 (64 with --quick); raise it when the SFT model's answers get truncated",
   )  # fmt: skip
   parser.add_argument("--quick", action="store_true", help="the test's shortened pipeline")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None) -> dict:
+  args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   return run(config_from_args(args), args.workdir)
 

@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
+
+from egrc_jax.trainer.config import parse_value
 
 OPS = ("add", "minus", "times")
 _SYMBOL = {"add": "+", "minus": "-", "times": "*"}
 CONNECTORS = ("wait", "hmm", "but", "so", "therefore", "alternatively", "let", "okay")
-CHECK_STYLES = ("careful", "restate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,20 +94,20 @@ class CotConfig:
 def cot_from_overrides(text: str, base: CotConfig | None = None) -> CotConfig:
   """CotConfig from "key=value,key=value" (the `--cot` flag), on top of `base`."""
   base = base or CotConfig()
-  fields = {f.name: f for f in dataclasses.fields(CotConfig)}
+  names = sorted(f.name for f in dataclasses.fields(CotConfig))
   changes = {}
   for item in (x.strip() for x in text.split(",")):
     if not item:
       continue
     key, sep, value = item.partition("=")
     key = key.strip()
-    if not sep or key not in fields:
-      raise ValueError(f"--cot item {item!r}: expected key=value with key one of {sorted(fields)}")
-    kind = type(getattr(base, key))
+    if not sep or key not in names:
+      raise ValueError(f"--cot item {item!r}: expected key=value with key one of {names}")
+    old = getattr(base, key)
     try:
-      changes[key] = kind(value.strip())
-    except ValueError:
-      raise ValueError(f"--cot {key}={value!r}: not a valid {kind.__name__}") from None
+      changes[key] = parse_value(value.strip(), old)
+    except ValueError as e:
+      raise ValueError(f"--cot {key}={value!r}: not a valid {type(old).__name__} ({e})") from None
   return dataclasses.replace(base, **changes)
 
 
@@ -296,6 +299,25 @@ def _units_slip(rng: np.random.Generator, c: int) -> int:
   return c + deltas[int(rng.integers(len(deltas)))]
 
 
+def _flagged_fix(rng, a: int, op: str, b: int, c: int, wrong: int) -> str:
+  del rng  # the restate style's fix has one wording
+  return f"wait , that is wrong . {_eq(a, op, b, c)} , not {wrong} ."
+
+
+class _Style(NamedTuple):
+  slip: Callable[..., int]  # (rng, c) -> a wrong result
+  fix: Callable[..., str]  # (rng, a, op, b, c, wrong) -> the re-check that catches it
+  recheck: Callable[..., str]  # (rng, a, op, b, c) -> a re-check of a right step
+  two_digit_slips: bool  # steps from a two-digit value slip with slip_prob_2d
+
+
+_STYLES = {
+  "careful": _Style(_units_slip, careful_check, careful_check, True),
+  "restate": _Style(_slip, _flagged_fix, _recheck, False),
+}
+CHECK_STYLES = tuple(_STYLES)
+
+
 def verbose_cot(p: Problem, rng: np.random.Generator, cfg: CotConfig) -> tuple[str, int]:
   """A verbose solution and the answer it boxes (wrong only if a slip went unfixed).
 
@@ -305,28 +327,24 @@ def verbose_cot(p: Problem, rng: np.random.Generator, cfg: CotConfig) -> tuple[s
   "restate" with "wait , that is wrong . <right step>". Otherwise the chain carries the
   wrong value on.
   """
-  careful = cfg.check_style == "careful"
+  style = _STYLES[cfg.check_style]
   parts: list[str] = []
   if rng.random() < cfg.preamble_prob:
     parts.append("okay , let me work through this step by step .")
   v, rechecks = p.start, 0
   for op, b in p.ops:
     c = apply_op(v, op, b)
-    if rng.random() < (cfg.slip_prob_2d if careful and v >= 10 else cfg.slip_prob):
-      wrong = _units_slip(rng, c) if careful else _slip(rng, c)
+    if rng.random() < (cfg.slip_prob_2d if style.two_digit_slips and v >= 10 else cfg.slip_prob):
+      wrong = style.slip(rng, c)
       parts.append(_eq(v, op, b, wrong) + " .")
       if rng.random() < cfg.fix_prob:
-        parts.append(
-          careful_check(rng, v, op, b, c, wrong)
-          if careful
-          else f"wait , that is wrong . {_eq(v, op, b, c)} , not {wrong} ."
-        )
+        parts.append(style.fix(rng, v, op, b, c, wrong))
       else:
         c = wrong
     else:
       parts.append(_eq(v, op, b, c) + " .")
     while rechecks < cfg.max_rechecks and rng.random() < cfg.recheck_prob:
-      parts.append(careful_check(rng, v, op, b, c) if careful else _recheck(rng, v, op, b, c))
+      parts.append(style.recheck(rng, v, op, b, c))
       rechecks += 1
     v = c
   if rng.random() < cfg.conclusion_prob:

@@ -194,7 +194,8 @@ def r1_distill_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return c
 
 
-def _parse_value(raw: str, old):
+def parse_value(raw: str, old):
+  """`raw` parsed as the type of the value it replaces (bool, int, float, tuple, str)."""
   if isinstance(old, bool):
     if raw.lower() in ("true", "1", "yes"):
       return True
@@ -234,7 +235,7 @@ def apply_overrides(config: ml_collections.ConfigDict, arg: str | None) -> None:
     if name not in parent:
       raise KeyError(_unknown(key, parent, name))
     try:
-      parent[name] = _parse_value(raw.strip(), parent[name])
+      parent[name] = parse_value(raw.strip(), parent[name])
     except ValueError as e:
       raise ValueError(f"config override {key}={raw!r}: {e}") from None
 
