@@ -28,11 +28,14 @@ def get_config(arg: str | None = None):
   c.rollout.prompt_buckets = (32,)
   c.grading.mode = "exact"
   c.compress.steps = 40
-  c.compress.temperature = 0.6
-  c.compress.r = 0.2
-  c.enhance.steps = 20
+  c.compress.temperature = 0.8  # T1 < T2; stage 1 also removes most of the T = 1 sampling noise
+  c.compress.r = 0.05  # f(L) = 0.05: a strong length pressure
+  c.enhance.steps = 40
   c.enhance.temperature = 1.0
-  c.single.steps = 60
+  c.enhance.w_len = 0.15
+  c.loss.kl_kind = "k3"  # GRPO's KL estimator ...
+  c.enhance.kl_coef = 0.05  # ... to the SFT model, in stage 2 only (stage 1 has no KL term)
+  c.single.steps = 80  # EE gets both stages' budget
   c.single.temperature = 0.6
   c.optim.lr = 2e-4
   c.optim.warmup_steps = 2

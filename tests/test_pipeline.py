@@ -80,7 +80,7 @@ def test_cli_flags_reach_the_pipeline_config():
   def config(*flags):
     return pipeline.config_from_args(pipeline.build_parser().parse_args(["--workdir=x", *flags]))
 
-  assert config().eval_max_new_tokens == 256 and config("--quick").eval_max_new_tokens == 64
+  assert config().eval_max_new_tokens == 448 and config("--quick").eval_max_new_tokens == 64
   assert config("--eval_max_new_tokens=448").eval_max_new_tokens == 448
   cfg = config("--cot=check_style=careful,recheck_prob=0.8", "--sft_steps=900")
   assert cfg.sft.cot == T.CotConfig(check_style="careful", recheck_prob=0.8)

@@ -280,6 +280,7 @@ def test_sft_cli_model_size_and_cot_flags(tmp_path, monkeypatch):
     "--workdir", str(tmp_path), "--steps", "2", "--num_train", "64", "--num_test", "4",
     "--batch_size", "8", "--num_layers", "1", "--hidden_size", "32",
     "--intermediate_size", "48", "--cot", "check_style=careful,max_rechecks=2",
+    "--eval_max_new_tokens", "16",
   ])  # fmt: skip
   assert seen["cot"] == T.CotConfig(check_style="careful", max_rechecks=2)
   config = json.loads((tmp_path / "sft" / "config.json").read_text())
@@ -287,4 +288,5 @@ def test_sft_cli_model_size_and_cot_flags(tmp_path, monkeypatch):
     1, 32, 48,
   )  # fmt: skip
   assert metrics["steps"] == 2 and metrics["num_problems"] == 4
+  assert metrics["mean_length"] <= 16  # the evaluation budget flag
   assert json.loads((tmp_path / "sft_metrics.json").read_text())["steps"] == 2

@@ -1,6 +1,7 @@
 """The RL loop end to end on the tiny config: every arm, stage switching, exact resume,
 SIGTERM, non-finite updates, and bad input."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -10,11 +11,12 @@ import jax
 import numpy as np
 import pytest
 
+from egrc_jax import losses
 from egrc_jax.trainer import branch
 from egrc_jax.trainer import config as config_lib
 from egrc_jax.trainer.checkpoint import CheckpointError
 from egrc_jax.trainer.loop import NonFiniteError, Trainer
-from egrc_jax.trainer.stages import EntropySwitch
+from egrc_jax.trainer.stages import EntropySwitch, stage_loss_config, stages_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Small enough to run each arm in seconds: 4 prompts x 2 samples, 8 new tokens.
@@ -215,6 +217,39 @@ def test_kl_to_the_frozen_reference(tmp_path, shared_data):
   assert abs(rows[0]["loss/kl"]) < 1e-6
   assert rows[1]["loss/kl"] > 1e-6
   assert all(r["time/reference"] > 0 for r in rows)
+
+
+def test_kl_in_stage_two_only(tmp_path, shared_data):
+  # enhance.kl_coef gives stage 2 its own KL weight; stage 1 inherits loss.kl_coef = 0, so it
+  # has no KL term and computes no reference logprobs. (A random model earns no reward, so
+  # positive-only stage 1 leaves the params at the reference; the entropy bonus moves them in
+  # stage 2, so its KL is 0 at its first step and positive after.)
+  c = tiny(
+    "arm=egrc,loss.kl_kind=k3,enhance.kl_coef=0.1,loss.entropy_coef=0.5,optim.lr=1e-2",
+    shared_data,
+  )
+  Trainer(c, str(tmp_path)).run()
+  rows, _ = read_metrics(tmp_path)
+  s1 = [r for r in rows if r["stage"] == "compress"]
+  s2 = [r for r in rows if r["stage"] == "enhance"]
+  assert len(s1) == len(s2) == 2
+  assert all(r["loss/kl"] == 0.0 and r["time/reference"] == 0.0 for r in s1)
+  assert all(r["time/reference"] > 0 for r in s2)
+  assert abs(s2[0]["loss/kl"]) < 1e-6 < s2[1]["loss/kl"]
+
+
+def test_stage_kl_weights():
+  base = losses.LossConfig(kl_kind="k3", kl_coef=0.04)
+  c = tiny("arm=egrc,loss.kl_kind=k3,loss.kl_coef=0.04,compress.kl_coef=0.0,enhance.kl_coef=0.2")
+  s1, s2 = stages_for(c)
+  assert stage_loss_config(base, s1) == dataclasses.replace(base, kl_kind=None, kl_coef=0.0)
+  assert stage_loss_config(base, s2) == dataclasses.replace(base, kl_coef=0.2)
+  (ee,) = stages_for(tiny("arm=ee,loss.kl_kind=k3,loss.kl_coef=0.04"))
+  assert stage_loss_config(base, ee) == base  # single.kl_coef < 0: the global weight
+  # A KL estimator with weight 0 everywhere: no KL term, no reference.
+  assert stage_loss_config(losses.LossConfig(kl_kind="k3"), ee).kl_kind is None
+  with pytest.raises(ValueError, match=r"enhance.kl_coef=0.1 > 0 but loss.kl_kind='none'"):
+    tiny("enhance.kl_coef=0.1")
 
 
 def test_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path, shared_data):

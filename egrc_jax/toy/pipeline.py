@@ -1,6 +1,6 @@
 """The miniature EGRC reproduction end to end: SFT, the RL arms, evaluation, the report.
 
-    python -m egrc_jax.toy.pipeline --workdir=runs/toy [--seeds=0,1,2] [--sft_steps=700]
+    python -m egrc_jax.toy.pipeline --workdir=runs/toy [--seeds=0,1,2] [--sft_steps=1000]
         [--rl_overrides=k=v,...] [--quick]
 
 Per seed S, under DIR/seed<S>/:
@@ -16,7 +16,7 @@ Compress-only is not a separate run: EGRC's first stage *is* the compress arm wi
 seed, data order and steps, so its stage-end checkpoint (the step where stage 2 begins) is the
 compress-only model. Evaluation: every model (SFT, compress-only, EGRC, EE, reverse) on the
 same held-out problems (the first num_test of data/test.jsonl), one sample each at T = 0.6
-with at most 256 new tokens, sampler seed S (`toy.evaluate.evaluate`).
+with at most 448 new tokens, sampler seed S (`toy.evaluate.evaluate`).
 
 --quick is the shortened pipeline of tests/test_pipeline.py: a tiny SFT model trained for
 a few steps, 2 RL steps per stage, 50 test problems.
@@ -79,7 +79,7 @@ class PipelineConfig:
   rl_config: str = str(REPO / "configs" / "toy.py")  # the RL config file of every arm
   rl_overrides: str = ""  # extra key=value overrides for every arm (after the pipeline's)
   eval_temperature: float = 0.6  # the paper's evaluation temperature
-  eval_max_new_tokens: int = 256  # the same budget for every model (SFT's longest is ~190)
+  eval_max_new_tokens: int = 448  # the same budget for every model (prompt + 448 <= 512)
   rho: float = 0.2  # high-entropy quantile of the token list
   high_entropy_prompts: int = 250  # test problems whose samples feed the token list
   hf_check_prompts: int = 3  # test prompts of the transformers-vs-sampler check
@@ -364,14 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
-  parser.add_argument("--sft_steps", type=int, default=0, help="0: the SFT default (700)")
+  parser.add_argument("--sft_steps", type=int, default=0, help="0: the SFT default (1000)")
   parser.add_argument("--num_test", type=int, default=0, help="0: 500 (50 with --quick)")
   parser.add_argument("--rl_config", default=PipelineConfig.rl_config)
   parser.add_argument("--rl_overrides", default="", help="key=value,... for every RL arm")
   parser.add_argument("--cot", default="", help="SFT chain-of-thought knobs, key=value,...")
   parser.add_argument(
     "--eval_max_new_tokens", type=int, default=0,
-    help="0: 256 (64 with --quick); raise it when the SFT model's answers get truncated",
+    help="0: 448 (64 with --quick); the same budget for every model",
   )  # fmt: skip
   parser.add_argument("--quick", action="store_true", help="the test's shortened pipeline")
   return parser

@@ -57,7 +57,7 @@ class SftConfig:
   task: task_lib.TaskConfig = task_lib.TaskConfig()
   cot: task_lib.CotConfig = task_lib.CotConfig()
   # optimisation (AdamW, linear warmup then cosine decay to 10%)
-  steps: int = 700
+  steps: int = 1000
   batch_size: int = 32
   pad_multiple: int = 32  # batches are padded to a multiple of this: few shapes to compile
   learning_rate: float = 3e-3
@@ -68,7 +68,7 @@ class SftConfig:
   log_every: int = 50
   # evaluation: the EGRC protocol's temperature, one sample per test problem
   eval_temperature: float = 0.6
-  eval_max_new_tokens: int = 256
+  eval_max_new_tokens: int = 448  # prompt (<= 32) + 448 fits the 512 positions
 
   def __post_init__(self):
     if self.steps < 1 or self.batch_size < 1:
@@ -77,6 +77,8 @@ class SftConfig:
       raise ValueError(f"num_train={self.num_train} must be >= batch_size={self.batch_size}")
     if self.num_test < 1:
       raise ValueError(f"num_test={self.num_test} must be >= 1")
+    if self.eval_max_new_tokens < 1:
+      raise ValueError(f"eval_max_new_tokens={self.eval_max_new_tokens} must be >= 1")
     if self.learning_rate <= 0 or not 0 <= self.warmup_fraction < 1:
       raise ValueError(
         f"learning_rate={self.learning_rate} must be > 0 and warmup_fraction="
@@ -229,6 +231,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--num_train", type=int, default=d.num_train)
   parser.add_argument("--num_test", type=int, default=d.num_test)
   parser.add_argument("--eval_temperature", type=float, default=d.eval_temperature)
+  parser.add_argument("--eval_max_new_tokens", type=int, default=d.eval_max_new_tokens)
   parser.add_argument("--hidden_size", type=int, default=d.hidden_size)
   parser.add_argument("--intermediate_size", type=int, default=d.intermediate_size)
   parser.add_argument("--num_layers", type=int, default=d.num_layers)

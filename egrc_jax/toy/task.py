@@ -69,9 +69,9 @@ class TaskConfig:
 class CotConfig:
   """Knobs of the verbose chain-of-thought generator (all probabilities in [0, 1])."""
 
-  check_style: str = "restate"  # "restate" (the default) | "careful" (recomputing re-checks)
-  recheck_prob: float = 0.65  # after each step (and each re-check), P(one more re-check)
-  max_rechecks: int = 6  # cap on re-checks per solution
+  check_style: str = "careful"  # "careful" (recomputing re-checks) | "restate" (restating)
+  recheck_prob: float = 0.75  # after each step (and each re-check), P(one more re-check)
+  max_rechecks: int = 10  # cap on re-checks per solution
   slip_prob: float = 0.1  # P(a step is first written wrong; "careful": from a one-digit value)
   slip_prob_2d: float = 0.5  # "careful": P(a step from a two-digit value is first written wrong)
   fix_prob: float = 1.0  # P(a slip is caught by a re-check and fixed); else carried on

@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.compress.beta = 1.0  # A = beta * R [ours]
   c.compress.advantage = "absolute"  # absolute [paper] | group (ablation)
   c.compress.excluded_in_denominator = False  # positive-only: do excluded tokens count?
+  c.compress.kl_coef = -1.0  # this stage's KL weight; < 0: loss.kl_coef
 
   # -- stage 2: enhancement -------------------------------------------------------------
   c.enhance = ml_collections.ConfigDict()
@@ -96,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.enhance.w_len = 0.5  # weight of the length advantage [ours]
   c.enhance.decompose = True  # norm(R_acc) + w*norm(R_len); False: norm(R_acc + w*R_len)
   c.enhance.std_normalize = True  # False: Dr.GRPO (no std division)
+  c.enhance.kl_coef = -1.0  # this stage's KL weight (GRPO's beta); < 0: loss.kl_coef
 
   # -- one-stage arms -------------------------------------------------------------------
   c.single = ml_collections.ConfigDict()
@@ -108,6 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.single.az_alpha = 0.1  # Arora & Zanette alpha
   c.single.n_target = 512  # L1 target length (tokens)
   c.single.buffer = 256  # DAPO overlong buffer (tokens)
+  c.single.kl_coef = -1.0  # KL weight of one-stage arms; < 0: loss.kl_coef
 
   # -- stage switching ------------------------------------------------------------------
   c.switch = ml_collections.ConfigDict()
@@ -122,7 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.eps_high = 0.2  # clip-higher when > eps_low
   c.loss.dual_clip_c = 0.0  # 0 = off; else the dual-clip constant (> 1)
   c.loss.kl_kind = "none"  # none | k1 | k2 | k3
-  c.loss.kl_coef = 0.0  # weight of the KL term (needs kl_kind)
+  c.loss.kl_coef = 0.0  # weight of the KL term (needs kl_kind); 0: no KL, no reference
   c.loss.entropy_coef = 0.0  # entropy bonus weight
   c.loss.agg_mode = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
   c.loss.entropy_select = "off"  # off | restrict | reweight (top-rho entropy tokens)
@@ -260,6 +263,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"compress.advantage={c.compress.advantage!r}: use absolute or group")
   if c.compress.shaping not in ("exp", "linear"):
     raise ValueError(f"compress.shaping={c.compress.shaping!r}: use exp or linear")
+  for section in ("compress", "enhance", "single"):
+    coef = c[section].kl_coef
+    if coef > 0 and c.loss.kl_kind == "none":
+      raise ValueError(
+        f"{section}.kl_coef={coef} > 0 but loss.kl_kind='none': set loss.kl_kind=k3 (or k1/k2) "
+        "to choose the KL estimator"
+      )
   if c.optim.micro_batch_rows:
     rows = c.data.prompts_per_step * c.rollout.num_samples
     if rows % c.optim.micro_batch_rows:

@@ -36,7 +36,7 @@ from egrc_jax.trainer import batch as batch_lib
 from egrc_jax.trainer import diagnostics, setup
 from egrc_jax.trainer.checkpoint import Checkpointer, check_writable, json_model_config
 from egrc_jax.trainer.metrics import RUN_FINISHED, MetricsWriter, stage_begins
-from egrc_jax.trainer.stages import EntropySwitch, Stage, stages_for
+from egrc_jax.trainer.stages import EntropySwitch, Stage, stage_loss_config, stages_for
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,16 @@ class Trainer:
     setup.check_tokenizer(self.tokenizer, self.model_cfg)
     self.graphdef = nnx.graphdef(self.model)
     self.loss_cfg = setup.loss_config(c)
-    self.use_ref = self.loss_cfg.kl_kind is not None
+    self.stages = stages_for(c)
+    # Each stage's loss (its own KL weight, `<section>.kl_coef`); the reference model is
+    # kept, and its logprobs computed, only for stages whose loss has a KL term.
+    self.stage_loss = {s.name: stage_loss_config(self.loss_cfg, s) for s in self.stages}
+    self.use_ref = any(lc.kl_kind is not None for lc in self.stage_loss.values())
     # The frozen reference: the run's starting params (a copy: the policy's are donated).
     self.ref_params = (
       jax.tree.map(jnp.copy, nnx.state(self.model, nnx.Param)) if self.use_ref else None
     )
     self._ref_fn = jax.jit(reference_logprobs, static_argnums=(0, 4))
-    self.stages = stages_for(c)
     self.train_data = setup.train_prompts(c, self.tokenizer)
     self.eval_data = setup.eval_prompts(c, self.tokenizer)
     self.grader = setup.make_grader(c)
@@ -135,15 +138,16 @@ class Trainer:
     rcfg = RewardConfig(name=stage.reward, max_len=L, **stage.kwargs())
     rewards = compute_rewards(rcfg, correct.reshape(P, G), lengths_PG, trunc_PG)
     adv_PG, keep_PG = batch_lib.advantages(stage, rewards)
+    loss_cfg = self.stage_loss[stage.name]
     batch = batch_lib.make_batch(
       rollout,
       adv_PG,
       keep_PG,
-      self.loss_cfg,
+      loss_cfg,
       excluded_in_denominator=stage.excluded_in_denominator,
     )
     ref_time = 0.0
-    if self.use_ref:
+    if loss_cfg.kl_kind is not None:
       tr = time.time()
       ref = self._ref_logp(batch, stage.temperature)
       batch = dataclasses.replace(batch, ref_logp_BC=np.asarray(ref))
@@ -272,10 +276,11 @@ class Trainer:
     self._start_step = global_step
     results = {"switch_steps": self.switch_steps}
     bad_steps = 0
-    # One optimizer and one compiled train step for every stage (lr is a step argument).
+    # One optimizer for every stage, and one compiled train step per distinct stage loss
+    # (lr is a step argument, so stages that differ only in their schedule share one).
     tx = make_optimizer(self._optim_config(self.stages[0]))
     rows = c.data.prompts_per_step * c.rollout.num_samples
-    train_step = None
+    train_steps = {}  # one compiled step per distinct stage loss (most arms: one)
     while stage_index < len(self.stages):
       stage = self.stages[stage_index]
       # Every stage starts with fresh optimizer state from the current params.
@@ -286,11 +291,12 @@ class Trainer:
         restored_state = None
         if stage_step == 0:  # saved at a stage boundary: fresh optimizer for the new stage
           state, state_sh = init_state_sharded(self.model, tx, self.mesh)
-      if train_step is None:
-        train_step = make_train_step(
+      loss_cfg = self.stage_loss[stage.name]
+      if loss_cfg not in train_steps:
+        train_steps[loss_cfg] = make_train_step(
           self.graphdef,
           tx,
-          self.loss_cfg,
+          loss_cfg,
           micro_batches=rows // (c.optim.micro_batch_rows or rows),
           ppo_epochs=c.optim.ppo_epochs,
           remat=c.optim.remat,
@@ -316,7 +322,7 @@ class Trainer:
         )
       end_stage = stage_step >= stage.steps
       while not end_stage:
-        state, metrics = self.rl_step(stage, state, train_step, global_step)
+        state, metrics = self.rl_step(stage, state, train_steps[loss_cfg], global_step)
         global_step += 1
         stage_step += 1
         if not metrics["finite"]:

@@ -25,9 +25,15 @@ class Stage:
   w_len: float = 0.0
   std_normalize: bool = True
   excluded_in_denominator: bool = False
+  kl_coef: float | None = None  # this stage's KL weight; None: loss.kl_coef
 
   def kwargs(self) -> dict:
     return dict(self.reward_kwargs)
+
+
+def _kl_coef(section) -> float | None:
+  """A section's own KL weight, or None (< 0) for the global loss.kl_coef."""
+  return None if section.kl_coef < 0 else float(section.kl_coef)
 
 
 def _compress(c) -> Stage:
@@ -41,6 +47,7 @@ def _compress(c) -> Stage:
     reward_kwargs=(("r", c.compress.r), ("shaping", c.compress.shaping)),
     beta=c.compress.beta,
     excluded_in_denominator=c.compress.excluded_in_denominator,
+    kl_coef=_kl_coef(c.compress),
   )
 
 
@@ -54,6 +61,7 @@ def _enhance(c) -> Stage:
     reward_kwargs=(("r", c.enhance.r), ("w_len", c.enhance.w_len)),
     w_len=c.enhance.w_len,
     std_normalize=c.enhance.std_normalize,
+    kl_coef=_kl_coef(c.enhance),
   )
 
 
@@ -66,7 +74,17 @@ def _single(c, name: str, reward: str, **kw) -> Stage:
     advantage="group",
     reward_kwargs=tuple(sorted(kw.items())),
     std_normalize=c.enhance.std_normalize,
+    kl_coef=_kl_coef(c.single),
   )
+
+
+def stage_loss_config(loss_cfg, stage: Stage):
+  """The loss of one stage: `loss_cfg` with the stage's own KL weight where it has one. A
+  stage whose KL weight is 0 has no KL term, and so needs no reference logprobs."""
+  coef = loss_cfg.kl_coef if stage.kl_coef is None else stage.kl_coef
+  if coef > 0:
+    return dataclasses.replace(loss_cfg, kl_coef=coef)
+  return dataclasses.replace(loss_cfg, kl_kind=None, kl_coef=0.0)
 
 
 def stages_for(c: ml_collections.ConfigDict) -> list[Stage]:
