@@ -115,6 +115,28 @@ def test_entropy_points_use_each_step_once():
   assert p["end"] == {"entropy": np.mean([8, 9, 10]), "steps": [8, 10]}
 
 
+def test_stage2_trend_against_numpy_and_hand_values():
+  # An exact line: slope 0.01 per step, no residual. Stage-1 rows and a repeated step (the
+  # later value counts) do not enter.
+  rows = [{"step": s, "entropy/mean": 5.0} for s in range(1, 5)]
+  rows += [{"step": s, "entropy/mean": 0.1 + 0.01 * s} for s in range(5, 11)]
+  rows.insert(5, {"step": 6, "entropy/mean": 9.0})  # overwritten by the later step-6 row
+  t = report.stage2_trend(rows, switch=4)
+  assert t["slope"] == pytest.approx(0.01) and t["se"] == pytest.approx(0, abs=1e-12)
+  assert t["steps"] == 6
+  # Noisy: slope and standard error as numpy's least squares gives them.
+  rng = np.random.default_rng(0)
+  y = 0.2 + 0.001 * np.arange(40) + rng.normal(0, 0.01, 40)
+  rows = [{"step": 41 + i, "entropy/mean": float(v)} for i, v in enumerate(y)]
+  t = report.stage2_trend(rows, switch=40)
+  (slope, _), cov = np.polyfit(np.arange(40), y, 1, cov="unscaled")
+  resid = y - np.polyval(np.polyfit(np.arange(40), y, 1), np.arange(40))
+  se = np.sqrt(cov[0, 0] * (resid @ resid) / 38)
+  assert t["slope"] == pytest.approx(slope) and t["se"] == pytest.approx(se)
+  assert t["t"] == pytest.approx(slope / se) and t["t"] > 2
+  assert np.isnan(report.stage2_trend(rows[:2], switch=40)["slope"])  # too few steps
+
+
 def _points(start, switch, after, end) -> dict:
   return {n: {"entropy": v, "steps": [1, 3]} for n, v in
           zip(report.ENTROPY_POINTS, (start, switch, after, end), strict=True)}  # fmt: skip

@@ -313,6 +313,7 @@ def run_seed(cfg: PipelineConfig, workdir: pathlib.Path, seed: int, log: Progres
       field: report.entropy_points(rows, switch_step(egrc), key=key)
       for field, (key, _) in report.ENTROPY_CURVES.items()
     },
+    "entropy_trend": report.stage2_trend(rows, switch_step(egrc)),
     "high_entropy": tokens,
     "hf_check": check,
     "curves": str((curve_dir / "curves.png").relative_to(workdir)),

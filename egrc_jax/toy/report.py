@@ -100,6 +100,24 @@ def entropy_points(
   }
 
 
+def stage2_trend(rows: list[dict], switch: int, key: str = "entropy/mean") -> dict:
+  """Least-squares line through the metric `key` over the stage-2 steps (after `switch`), a
+  step logged twice counting once (its last value): slope per step, its standard error, t =
+  slope / se, and the number of steps. With the per-step noise of a rollout batch, a few-step
+  mean can move by chance; the slope's t says whether the stage-2 change exceeds that noise."""
+  by_step = {int(r["step"]): float(r[key]) for r in rows if isinstance(r.get(key), int | float)}
+  x = np.array([s for s in sorted(by_step) if s > switch], float)
+  if x.size < 3:
+    return {"slope": float("nan"), "se": float("nan"), "t": float("nan"), "steps": int(x.size)}
+  y = np.array([by_step[int(s)] for s in x])
+  xc = x - x.mean()
+  slope = float(xc @ (y - y.mean()) / (xc @ xc))
+  resid = y - y.mean() - slope * xc
+  se = float(np.sqrt(resid @ resid / (x.size - 2) / (xc @ xc)))
+  t = slope / se if se > 0 else float("inf") * np.sign(slope)
+  return {"slope": slope, "se": se, "t": float(t), "steps": int(x.size)}
+
+
 def verdicts(tab: dict, num_seeds: int, num_test: int) -> list[dict]:
   ratio = tab["egrc"]["length_ratio"]["mean"]
   acc, sft_acc = tab["egrc"]["accuracy"]["mean"], tab["sft"]["accuracy"]["mean"]
@@ -332,6 +350,19 @@ def markdown(rep: dict) -> str:
   ]
   for field, (key, what) in ENTROPY_CURVES.items():
     lines += [f"**`{key}`**: {what}.", "", *_entropy_table(seeds, field, directions[field]), ""]
+  trends = [(s["seed"], s["entropy_trend"]) for s in seeds.values() if "entropy_trend" in s]
+  if trends:
+    per = "; ".join(
+      f"seed {seed}: {t['slope']:+.5f} +- {t['se']:.5f} per step (t = {t['t']:.1f}, "
+      f"{t['steps']} steps)"
+      for seed, t in trends
+    )
+    lines += [
+      "Stage-2 trend of `entropy/mean` (least-squares slope over the stage-2 steps, with its "
+      f"standard error): {per}. |t| > 2 means the change is larger than the step-to-step "
+      "noise.",
+      "",
+    ]
   lines += [
     "The sampling-temperature curve jumps at the switch because T rises from "
     f"{rl['compress']['temperature']} to {rl['enhance']['temperature']}: the same policy is "

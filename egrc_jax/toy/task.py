@@ -9,16 +9,17 @@ Two solution formats, both in the R1 shape (the chat template's generation promp
 "<think>", the response is the reasoning, then "</think> \\boxed{N}"):
   * concise: the necessary steps only
       "7 + 5 = 12 . 12 * 3 = 36 . 36 - 4 = 32 . </think> \\boxed{32}"
-  * verbose (the default, `check_style="restate"`): the same steps, plus re-checks opened by
-    connectors ("wait", "hmm", "so", "therefore", "alternatively", "let me ...") and planted
-    slips (a step first computed wrong, then "wait , that is wrong ." and the right value).
-    Re-checks only restate or invert a step already made.
-  * `check_style="careful"` (an alternative, docs/toy.md): a re-check recomputes the step by
-    a route that needs only one-digit facts (the units digit first, with the carry or borrow
-    in plain sight; tens and units products apart), then restates it, with a varied opening
-    ("hmm , let me verify that :"): "18 + 5 = 22 . wait , let me check : 8 + 5 = 13 , so
-    18 + 5 = 23 , not 22 ." Slips (a wrong units digit, frequent on steps from a two-digit
-    value) are caught by such a check, and the chain goes on from the checked value.
+  * verbose, `check_style="careful"` (the default): the same steps, plus re-checks that
+    recompute the step by a route that needs only one-digit facts (the units digit first,
+    with the carry or borrow in plain sight; tens and units products apart), then restate
+    it, each with a varied opening ("hmm , let me verify that :"): "18 + 5 = 22 . wait , let
+    me check : 8 + 5 = 13 , so 18 + 5 = 23 , not 22 ." Slips (a wrong units digit, frequent
+    on steps from a two-digit value) are caught by such a check, and the chain goes on from
+    the checked value.
+  * verbose, `check_style="restate"` (the first design, docs/toy.md): re-checks opened by
+    connectors ("wait", "hmm", "so", "therefore", "alternatively", "let me ...") that only
+    restate or invert a step already made, and planted slips (a step first computed wrong,
+    then "wait , that is wrong ." and the right value).
   In both, the answer is always computable from the necessary steps alone: the verbose part
   is removable.
 
@@ -70,7 +71,7 @@ class CotConfig:
   """Knobs of the verbose chain-of-thought generator (all probabilities in [0, 1])."""
 
   check_style: str = "careful"  # "careful" (recomputing re-checks) | "restate" (restating)
-  recheck_prob: float = 0.75  # after each step (and each re-check), P(one more re-check)
+  recheck_prob: float = 0.8  # after each step (and each re-check), P(one more re-check)
   max_rechecks: int = 10  # cap on re-checks per solution
   slip_prob: float = 0.1  # P(a step is first written wrong; "careful": from a one-digit value)
   slip_prob_2d: float = 0.5  # "careful": P(a step from a two-digit value is first written wrong)
