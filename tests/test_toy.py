@@ -1,5 +1,6 @@
 """The toy task, its tokenizer and a very short SFT run (tiny model, CPU)."""
 
+import dataclasses
 import json
 import math
 import re
@@ -207,6 +208,13 @@ TINY = sft_lib.SftConfig(
   head_dim=16, num_train=64, num_test=8, steps=8, batch_size=8, learning_rate=1e-2,
   log_every=4, eval_max_new_tokens=24, pad_multiple=256,
 )  # fmt: skip
+
+
+def test_sft_config_refuses_bad_values():
+  with pytest.raises(ValueError, match="eval_max_new_tokens=0 must be >= 1"):
+    dataclasses.replace(TINY, eval_max_new_tokens=0)
+  with pytest.raises(ValueError, match="num_test=0 must be >= 1"):
+    dataclasses.replace(TINY, num_test=0)
 
 
 @pytest.fixture(scope="module")

@@ -74,15 +74,20 @@ def table(seeds: dict) -> dict:
   return out
 
 
+def _by_step(rows: list[dict], key: str) -> dict[int, float]:
+  """{step: value of `key`} over the rows that carry it; a step logged twice (a resumed run
+  repeats the steps after its last checkpoint) keeps its last value."""
+  return {int(r["step"]): float(r[key]) for r in rows if isinstance(r.get(key), int | float)}
+
+
 def entropy_points(
   rows: list[dict], switch: int, k: int = ENTROPY_WINDOW, key: str = "entropy/mean"
 ) -> dict:
   """Mean of the metric `key` (an entropy curve, ENTROPY_CURVES) over k steps at four points
   of a 2-stage run: start (steps 1..k), switch (the last k steps of stage 1, ending at
   `switch`), after the switch (the first k steps of stage 2) and end (the last k steps). A
-  step logged twice (a resumed run repeats the steps after its last checkpoint) counts once,
-  its last value."""
-  by_step = {int(r["step"]): float(r[key]) for r in rows if isinstance(r.get(key), int | float)}
+  step logged twice counts once, its last value (`_by_step`)."""
+  by_step = _by_step(rows, key)
   steps = sorted(by_step)
   first2 = [s for s in steps if s > switch]
   windows = {
@@ -101,11 +106,11 @@ def entropy_points(
 
 
 def stage2_trend(rows: list[dict], switch: int, key: str = "entropy/mean") -> dict:
-  """Least-squares line through the metric `key` over the stage-2 steps (after `switch`), a
-  step logged twice counting once (its last value): slope per step, its standard error, t =
-  slope / se, and the number of steps. With the per-step noise of a rollout batch, a few-step
-  mean can move by chance; the slope's t says whether the stage-2 change exceeds that noise."""
-  by_step = {int(r["step"]): float(r[key]) for r in rows if isinstance(r.get(key), int | float)}
+  """Least-squares line through the metric `key` over the stage-2 steps (after `switch`;
+  `_by_step`): slope per step, its standard error, t = slope / se, and the number of steps.
+  With the per-step noise of a rollout batch, a few-step mean can move by chance; the
+  slope's t says whether the stage-2 change exceeds that noise."""
+  by_step = _by_step(rows, key)
   x = np.array([s for s in sorted(by_step) if s > switch], float)
   if x.size < 3:
     return {"slope": float("nan"), "se": float("nan"), "t": float("nan"), "steps": int(x.size)}
