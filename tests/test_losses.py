@@ -36,6 +36,24 @@ def test_group_relative_hand_values():
   assert np.all(np.asarray(L.group_relative_advantages(r)[1]) == 0.0)
 
 
+@pytest.mark.parametrize("value", [-1.2288, 0.7, 1.0, 0.1, -3.3e-3, 123.456])
+@pytest.mark.parametrize("std_normalize", [True, False])
+def test_equal_reward_groups_get_exactly_zero(value, std_normalize):
+  # 8 equal rewards: float32 rounding of the mean used to leave r - mean ~ 1e-7, and dividing
+  # by a std of the same order gave -0.1065 (for -1.2288, L1-Exact with all 8 truncated at
+  # L = 8192) and +0.056 (for 0.7). The definition says 0 exactly.
+  r = jnp.full((2, 8), value, jnp.float32).at[1].set(jnp.arange(8.0))
+  for adv in (
+    L.group_relative_advantages(r, std_normalize),
+    L.decomposed_advantages(r, r, 0.5, std_normalize),
+    L.decomposed_advantages(r, jnp.full_like(r, value), 0.5, std_normalize),
+    L.entangled_advantages(r, r, 0.5, std_normalize),
+  ):
+    a = np.asarray(adv)
+    assert np.all(a[0] == 0.0), a[0]
+    assert np.all(a[1] != 0.0)  # a group with a spread still gets its advantages
+
+
 def test_absolute_advantages():
   a, pos = L.absolute_advantages(jnp.array([[0.5, 0.0, 0.25]]), beta=2.0)
   close(a, [[1.0, 0.0, 0.5]])  # A = beta * R

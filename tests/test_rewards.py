@@ -134,7 +134,41 @@ def test_dapo_overlong():
   # L = 100, B = 20: 0 up to 80, (80 - n)/20 after: 90 -> -0.5, 100 -> -1, beyond -> -1.
   np.testing.assert_allclose(R.dapo_overlong_penalty(n, 100, 20), [[0, 0, 0, -0.5, -1, -1]], **F64)
   c = np.array([[1, 1, 1, 1, 0, 0]])
-  np.testing.assert_allclose(R.dapo_overlong(c, n, 100, 20), [[1, 1, 1, 0.5, -1, -1]], **F64)
+  # DAPO's rule reward is +1 / -1: R = (2c - 1) + penalty = [1, 1, 1, 0.5, -2, -2].
+  np.testing.assert_allclose(R.dapo_overlong(c, n, 100, 20), [[1, 1, 1, 0.5, -2, -2]], **F64)
+  # The {0, 1} form on request: c + penalty.
+  np.testing.assert_allclose(
+    R.dapo_overlong(c, n, 100, 20, signed=False), [[1, 1, 1, 0.5, -1, -1]], **F64
+  )
+
+
+def test_dapo_penalty_relative_weight_after_group_normalisation():
+  # One correct response of length 90 (penalty -0.5) and one wrong of length 10 (penalty 0),
+  # L = 100, B = 20. Signed: R = [0.5, -1]; the {0, 1} form: R = [0.5, 0]. Normalised in
+  # the group, A = +-1 either way, but the penalty's share of the reward gap differs:
+  # signed gap 1.5 of which 0.5 is the penalty (1/3); binary gap 0.5, all of it the penalty.
+  c, n = np.array([[1.0, 0.0]]), np.array([[90, 10]])
+  signed = R.dapo_overlong(c, n, 100, 20)
+  binary = R.dapo_overlong(c, n, 100, 20, signed=False)
+  np.testing.assert_allclose(signed, [[0.5, -1.0]], **F64)
+  np.testing.assert_allclose(binary, [[0.5, 0.0]], **F64)
+  cfg = _cfg("dapo_overlong", buffer=20)
+  out = compute_rewards(cfg, c.astype(bool), n, np.zeros((1, 2), bool))
+  np.testing.assert_allclose(out.total_PG, signed, **F32)
+
+
+def test_equal_baseline_group_statistics_are_exactly_neutral():
+  # Equal lengths give no group length signal: Kimi's lambda and A&Z's z are exactly 0.
+  for value in (8192, 7, 1234.5):
+    n = np.full((1, 8), value)
+    assert np.all(R.kimi_lambda(n) == 0.0)
+    c = np.ones((1, 8))
+    assert np.all(R.correct_length_z(c, n) == 0.0)
+    np.testing.assert_array_equal(R.arora_zanette(c, n, 0.1), np.full((1, 8), 0.95))
+  # Equal correct lengths whose float mean rounds (3 x 0.1 sums to 0.30000000000000004, and
+  # /3 is not 0.1): the rounded std is ~1e-17, yet z must be exactly 0.
+  c, n = np.array([[1, 1, 1, 0]]), np.array([[0.1, 0.1, 0.1, 5.0]])
+  np.testing.assert_array_equal(R.correct_length_z(c, n)[0, :3], 0.0)
   with pytest.raises(ValueError, match="buffer"):
     R.dapo_overlong_penalty(n, 100, 0)
 
@@ -173,9 +207,9 @@ def test_compute_rewards_truncation_rule():
   # ThinkPrune always clips at L.
   out = compute_rewards(_cfg("thinkprune", clip_truncated=False), correct, lengths, trunc)
   np.testing.assert_allclose(out.total_PG, [[0, 1]], **F32)
-  # DAPO: truncated -> c = 0, penalty -1 at L.
+  # DAPO: truncated -> wrong (rule reward -1), penalty -1 at L; correct at L: 1 - 1 = 0.
   out = compute_rewards(_cfg("dapo_overlong", buffer=20), correct, lengths, trunc)
-  np.testing.assert_allclose(out.total_PG, [[-1, 0]], **F32)
+  np.testing.assert_allclose(out.total_PG, [[-2, 0]], **F32)
   np.testing.assert_allclose(out.extra["dapo_penalty"], [[-1, -1]], **F32)
 
 

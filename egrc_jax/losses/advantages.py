@@ -5,7 +5,12 @@ Shape letters: P prompts, G samples per prompt, B = P*G rows (prompt-major: row 
 
 Std convention: the population standard deviation over the G samples of a group (ddof = 0,
 like tunix; sample std would be undefined for G = 1), and eps = 1e-6 added to the std, not
-to the variance, so a group whose rewards are all equal gets advantages exactly 0.
+to the variance.
+
+Equal groups: a group whose rewards are all equal gets advantages exactly 0. Float32 rounding
+of the mean leaves r - mean(r) of order 1e-7 there, and dividing that by a std of the same
+order gives advantages of order 0.1 (8 rewards of -1.2288 gave -0.1065 each), so equality is
+tested on the rewards themselves (max == min) rather than trusted to the arithmetic.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ def group_relative_advantages(
     A_pg = (r_pg - mean_g r_pg) / (std_g r_pg + eps)   if std_normalize (GRPO)
     A_pg =  r_pg - mean_g r_pg                          otherwise (Dr.GRPO)
 
-  std is the population std (ddof = 0) over the group's G samples.
+  std is the population std (ddof = 0) over the group's G samples; a group whose rewards are
+  all equal gets exactly 0 (module docstring).
   """
   r = rewards_PG.astype(jnp.float32)
-  centred = r - jnp.mean(r, axis=-1, keepdims=True)
+  equal_P1 = jnp.max(r, axis=-1, keepdims=True) == jnp.min(r, axis=-1, keepdims=True)
+  centred = jnp.where(equal_P1, 0.0, r - jnp.mean(r, axis=-1, keepdims=True))
   if not std_normalize:
     return centred
   return centred / (jnp.std(r, axis=-1, keepdims=True) + eps)

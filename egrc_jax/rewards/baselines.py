@@ -59,8 +59,9 @@ def kimi(c_PG, len_PG, weight: float = 1.0) -> np.ndarray:
 def correct_length_z(c_PG, len_PG) -> np.ndarray:
   """z = (|y| - mean_C) / std_C over the correct responses C of each group (population std).
 
-  z = 0 where the group has std_C = 0, which covers fewer than two correct responses and
-  correct responses of equal length; z of a wrong response is computed but unused.
+  z = 0 where the group's correct lengths are all equal (max_C == min_C, tested on the
+  lengths themselves, not on a rounded std), which covers fewer than two correct responses;
+  z of a wrong response is computed but unused.
   """
   ok_PG = _f64(c_PG) > 0
   len_PG = _f64(len_PG)
@@ -69,7 +70,10 @@ def correct_length_z(c_PG, len_PG) -> np.ndarray:
   mean_P1 = np.where(ok_PG, len_PG, 0.0).sum(axis=-1, keepdims=True) / safe_n_P1
   var_P1 = np.where(ok_PG, (len_PG - mean_P1) ** 2, 0.0).sum(axis=-1, keepdims=True) / safe_n_P1
   std_P1 = np.sqrt(var_P1)
-  return np.where(std_P1 > 0, (len_PG - mean_P1) / np.where(std_P1 > 0, std_P1, 1.0), 0.0)
+  hi_P1 = np.where(ok_PG, len_PG, -np.inf).max(axis=-1, keepdims=True)
+  lo_P1 = np.where(ok_PG, len_PG, np.inf).min(axis=-1, keepdims=True)
+  spread_P1 = (hi_P1 > lo_P1) & (std_P1 > 0)
+  return np.where(spread_P1, (len_PG - mean_P1) / np.where(spread_P1, std_P1, 1.0), 0.0)
 
 
 def arora_zanette(c_PG, len_PG, alpha: float = 0.1) -> np.ndarray:
@@ -111,6 +115,14 @@ def dapo_overlong_penalty(len_PG, max_len: float, buffer: float) -> np.ndarray:
   return np.clip((max_len - buffer - len_PG) / buffer, -1.0, 0.0)
 
 
-def dapo_overlong(c_PG, len_PG, max_len: float, buffer: float, scale: float = 1.0):
-  """DAPO: R = c + scale * overlong_penalty(|y|)."""
-  return _f64(c_PG) + scale * dapo_overlong_penalty(len_PG, max_len, buffer)
+def dapo_overlong(
+  c_PG, len_PG, max_len: float, buffer: float, scale: float = 1.0, signed: bool = True
+):
+  """DAPO (Yu et al. 2025): R = R_rule + scale * overlong_penalty(|y|).
+
+  R_rule = +1 if correct, -1 otherwise (DAPO's rule-based reward; signed=True, the default),
+  or c in {0, 1} with signed=False. The signed form matters: after group normalisation the
+  {0, 1} form gives the overlong penalty twice the relative weight that DAPO gives it.
+  """
+  rule_PG = 2.0 * _f64(c_PG) - 1.0 if signed else _f64(c_PG)
+  return rule_PG + scale * dapo_overlong_penalty(len_PG, max_len, buffer)

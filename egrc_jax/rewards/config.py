@@ -56,6 +56,7 @@ class RewardConfig:
   sb_beta: float = 0.001  # ShorterBetter weight of ||y| - SOL|
   buffer: int = 0  # [L_cache] DAPO overlong buffer in tokens; required (0 < B <= L) by dapo
   dapo_scale: float = 1.0  # DAPO penalty scale (penalty reaches -dapo_scale at L)
+  dapo_signed: bool = True  # DAPO's rule reward +1 / -1 (True, as DAPO) or c in {0, 1}
 
   def __post_init__(self):
     if self.name not in REWARD_NAMES:
@@ -153,7 +154,9 @@ def compute_rewards(cfg: RewardConfig, correct_PG, lengths_PG, truncated_PG) -> 
     extra["sol"] = np.broadcast_to(baselines.shortest_correct_length(c_PG, len_PG), len_PG.shape)
   elif name == "dapo_overlong":
     pen_PG = baselines.dapo_overlong_penalty(len_PG, cfg.max_len, cfg.buffer)
-    total_PG = c_PG + cfg.dapo_scale * pen_PG
+    total_PG = baselines.dapo_overlong(
+      c_PG, len_PG, cfg.max_len, cfg.buffer, cfg.dapo_scale, cfg.dapo_signed
+    )
     extra["dapo_penalty"] = pen_PG
   else:  # unreachable: __post_init__ checked the name
     raise ValueError(f"unknown reward name {name!r}; valid names: {', '.join(REWARD_NAMES)}")
