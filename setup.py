@@ -21,7 +21,6 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "pyarrow==26.0.1",
     "array-record==0.8.6",  # TFDS array_record sources (imported directly by data.sources)
-    "tqdm==4.70.1",
 ]
 
 TORCH = "torch==2.13.0"  # CPU wheel; only for checks against transformers' PyTorch models

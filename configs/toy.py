@@ -9,6 +9,7 @@ The SFT warm start (egrc_jax.toy.sft) writes the starting policy as an HF direct
 the toy tokenizer; the pipeline fills model.hf_path and the data paths.
 """
 
+from egrc_jax.toy.task import CONNECTORS
 from egrc_jax.trainer.config import base_config, finalize
 
 
@@ -45,5 +46,5 @@ def get_config(arg: str | None = None):
   c.eval.temperature = 0.6
   c.eval.top_p = 1.0
   c.log.tensorboard = False
-  c.log.connectors = ("wait", "hmm", "so", "therefore", "alternatively", "let", "okay")
+  c.log.connectors = CONNECTORS  # the toy's connector words, as its evaluation counts them
   return finalize(c, arg)

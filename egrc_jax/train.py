@@ -45,7 +45,8 @@ class Batch:
   mask_BS: jax.Array  # True on real tokens
   positions_BS: jax.Array
   targets_BC: jax.Array  # completion tokens (predicted from positions Tp-1 .. S-2)
-  old_logp_BC: jax.Array  # behaviour-policy logprobs at the stage temperature
+  old_logp_BC: jax.Array  # behaviour-policy logprobs: the PPO ratio's denominator
+  sampler_logp_BC: jax.Array  # the sampler's log p_T (stage temperature, no filter)
   ref_logp_BC: jax.Array  # reference logprobs (zeros when KL is off)
   adv_BC: jax.Array  # advantages broadcast over tokens
   weight_BC: jax.Array  # aggregation weights: batch loss = sum(weight * token loss)
@@ -119,17 +120,43 @@ def _micro_loss(params, graphdef, mb: Batch, temperature, loss_cfg: losses.LossC
     params, graphdef, mb, temperature, loss_cfg.vocab_chunk, remat
   )
   ref = mb.ref_logp_BC if loss_cfg.kl_kind is not None else None
+  valid = mb.weight_BC != 0
   tok_loss, stats = losses.token_loss(
-    logp, entropy, mb.old_logp_BC, ref, mb.adv_BC, loss_cfg, mb.select_BC
+    logp, entropy, mb.old_logp_BC, ref, mb.adv_BC, loss_cfg, mb.select_BC, valid
   )
-  loss = jnp.sum(tok_loss * mb.weight_BC)
+  loss = losses.weighted_sum(tok_loss, mb.weight_BC)
   # Weighted sums of the per-token statistics; divided by the weight total afterwards.
-  wsum = {k: jnp.sum(stats[k] * mb.weight_BC) for k in losses.TOKEN_STAT_NAMES}
-  return loss, wsum
+  wsum = {k: losses.weighted_sum(stats[k], mb.weight_BC) for k in losses.TOKEN_STAT_NAMES}
+  return loss, (wsum, jax.lax.stop_gradient(logp))
 
 
 def _split(batch: Batch, m: int) -> Batch:
-  return jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
+  """[B, ...] -> [m, B / m, ...], micro-batch j holding rows j, j + m, j + 2m, ...: strided,
+  so that each micro-batch takes rows from every data shard (rows are sharded in contiguous
+  blocks; a contiguous micro-batch would sit on a few devices and leave the others idle).
+  Exact for any split: the aggregation weights are computed for the whole batch."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def _unsplit(x_MbC: jax.Array) -> jax.Array:
+  """The inverse of `_split` for one [m, B / m, ...] array."""
+  return x_MbC.swapaxes(0, 1).reshape(-1, *x_MbC.shape[2:])
+
+
+def sampler_learner_metrics(learner_logp_BC, sampler_logp_BC, mask_BC) -> dict[str, jax.Array]:
+  """How far the learner's recomputed logprobs are from the sampler's, on-policy (before any
+  update) over every completion token: max and mean |delta log p| and the Pearson r of the
+  token probabilities. Pure numerics drift (kernels, precision, cache vs full forward) when
+  both are log p_T at the same temperature."""
+  m = mask_BC.astype(bool)
+  d = jnp.where(m, jnp.abs(learner_logp_BC - sampler_logp_BC), 0.0)
+  return {
+    "sampler_learner/max_abs_logp_diff": jnp.max(d),
+    "sampler_learner/mean_abs_logp_diff": jnp.sum(d) / jnp.maximum(jnp.sum(m), 1),
+    "sampler_learner/prob_pearson": losses.pearson_corr(
+      jnp.exp(sampler_logp_BC), jnp.exp(learner_logp_BC), m
+    ),
+  }
 
 
 def make_train_step(
@@ -154,14 +181,14 @@ def make_train_step(
 
     def body(carry, mb):
       g_acc, l_acc, s_acc = carry
-      (loss, wsum), g = grad_fn(state.params, graphdef, mb, temperature, loss_cfg, remat)
+      (loss, (wsum, logp)), g = grad_fn(state.params, graphdef, mb, temperature, loss_cfg, remat)
       g_acc = jax.tree.map(jnp.add, g_acc, g)
       s_acc = jax.tree.map(jnp.add, s_acc, wsum)
-      return (g_acc, l_acc + loss, s_acc), None
+      return (g_acc, l_acc + loss, s_acc), logp
 
     init_stats = {k: jnp.zeros((), jnp.float32) for k in losses.TOKEN_STAT_NAMES}
     carry = (zeros, jnp.zeros((), jnp.float32), init_stats)
-    (grads, loss, stats), _ = jax.lax.scan(body, carry, _split(batch, micro_batches))
+    (grads, loss, stats), logp_MbC = jax.lax.scan(body, carry, _split(batch, micro_batches))
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -173,9 +200,18 @@ def make_train_step(
       opt_state=keep(new_opt, state.opt_state),
       step=state.step + finite.astype(jnp.int32),
     )
-    wtot = jnp.maximum(jnp.sum(batch.weight_BC), 1e-12)
-    metrics = {f"loss/{k}": v / wtot for k, v in stats.items()}
+    # Means under the loss's own weights (the tokens that get gradient, weighted as the loss
+    # weighs them); NaN when no token has weight (e.g. stage 1 with no R > 0 row), not 0.
+    wtot = jnp.sum(batch.weight_BC)
+    safe = jnp.where(wtot > 0, wtot, 1.0)
+    metrics = {
+      f"loss_weighted/{k}": jnp.where(wtot > 0, v / safe, jnp.nan) for k, v in stats.items()
+    }
     metrics.update(loss=loss, grad_norm=grad_norm, finite=finite)
+    C = batch.targets_BC.shape[1]
+    metrics.update(
+      sampler_learner_metrics(_unsplit(logp_MbC), batch.sampler_logp_BC, batch.mask_BS[:, -C:])
+    )
     return new_state, metrics
 
   def step(state: TrainState, batch: Batch, temperature, lr):
@@ -191,12 +227,29 @@ def make_train_step(
   if mesh is None:
     return jax.jit(step, donate_argnums=(0,))
   rows = NamedSharding(mesh, P(("data", "fsdp")))
-  return jax.jit(
+  jitted = jax.jit(
     step,
     in_shardings=(state_sharding, rows, None, None),
     out_shardings=(state_sharding, None),
     donate_argnums=(0,),
   )
+  return _UnderMesh(jitted, mesh)
+
+
+class _UnderMesh:
+  """A jitted function called (so traced) and lowered under `jax.set_mesh(mesh)`: the
+  model's logical sharding constraints on activations act only inside a mesh context."""
+
+  def __init__(self, fn, mesh: Mesh):
+    self.fn, self.mesh = fn, mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.fn(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.fn.lower(*args)
 
 
 def init_state_sharded(model: Transformer, tx, mesh: Mesh | None):
@@ -220,6 +273,25 @@ def init_state_sharded(model: Transformer, tx, mesh: Mesh | None):
   return TrainState(params, opt_state, step), shardings
 
 
-def reference_logprobs(graphdef, ref_params, batch: Batch, temperature, vocab_chunk: int):
-  """Logprobs of the completion tokens under the frozen reference params [B, C]."""
-  return completion_logprobs(ref_params, graphdef, batch, temperature, vocab_chunk)[0]
+def logprobs_pass(
+  graphdef, params, batch: Batch, temperature, vocab_chunk: int, micro_batches: int = 1
+):
+  """Logprobs [B, C] of the completion tokens under `params` (the frozen reference, or the
+  policy before its update when old logprobs are recomputed), in the learner's micro-batches
+  (`lax.map`: the activation memory of one micro-batch, as in the train step)."""
+  if micro_batches == 1:
+    return completion_logprobs(params, graphdef, batch, temperature, vocab_chunk)[0]
+  one = lambda mb: completion_logprobs(params, graphdef, mb, temperature, vocab_chunk)[0]
+  return _unsplit(jax.lax.map(one, _split(batch, micro_batches)))
+
+
+def make_logprobs_pass(graphdef, vocab_chunk: int, micro_batches: int, mesh: Mesh | None):
+  """A jitted `(params, batch, temperature) -> logprobs [B, C]` (see `logprobs_pass`),
+  traced under the mesh when there is one."""
+  run = lambda params, batch, t: logprobs_pass(
+    graphdef, params, batch, t, vocab_chunk, micro_batches
+  )
+  if mesh is None:
+    return jax.jit(run)
+  # Rows out as they came in (over data x fsdp), so the result drops into the batch.
+  return _UnderMesh(jax.jit(run, out_shardings=NamedSharding(mesh, P(("data", "fsdp")))), mesh)

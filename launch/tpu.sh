@@ -32,8 +32,8 @@
 #   --dry-run          print every command (gcloud, tar) instead of running it
 #   local logs go to $TPU_LOG_DIR/NAME/RUN [default runs/tpu in the repo]
 #   -h, --help
-# example: launch/tpu.sh run --zone=us-central2-b --type=v4-32 \
-#            --config=configs/egrc.py:model=r1_distill_1p5b --workdir=gs://my-bucket/egrc/r1
+# example: launch/tpu.sh run --zone=us-central2-b --type=v4-32 --workdir=gs://my-bucket/egrc/r1 \
+#            --config=configs/r1_distill_1p5b.py:model.hf_path=/ckpt/r1_distill_1p5b
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -127,7 +127,7 @@ parse_flags() {
 }
 
 need_job_flags() {
-  [[ -n "$CONFIG" ]] || die "--config is required, e.g. --config=configs/egrc.py:model=r1_distill_1p5b"
+  [[ -n "$CONFIG" ]] || die "--config is required, e.g. --config=configs/r1_distill_1p5b.py:model.hf_path=/ckpt/r1_distill_1p5b"
   [[ -n "$WORKDIR" ]] || die "--workdir is required, e.g. --workdir=gs://my-bucket/egrc/run1"
   RUN_ID="${RUN_ID:-$(basename "$WORKDIR")}"
   [[ "$RUN_ID" =~ ^[A-Za-z0-9._-]+$ ]] || die "--run-id='$RUN_ID': letters, digits, . _ - only"

@@ -17,7 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = sorted(LAUNCH.glob("*.sh"))
 JOB = [
-  "--config=configs/egrc.py:model=r1_distill_1p5b,stage=compress",
+  "--config=configs/r1_distill_1p5b.py:model.hf_path=/ckpt/r1_distill_1p5b,arm=egrc",
   "--workdir=gs://bucket/egrc/r1",
 ]
 

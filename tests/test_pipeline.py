@@ -40,7 +40,7 @@ def test_quick_pipeline_writes_the_report(quick_run):
   for field in report.ENTROPY_CURVES:
     for point in report.ENTROPY_POINTS:
       assert math.isfinite(seed[field][point]["entropy"]), (field, point)
-  assert "loss/entropy" in md and "entropy/mean" in md
+  assert "entropy/at_temperature" in md and "entropy/mean" in md
 
 
 def test_compress_only_is_egrc_stage_one_checkpoint(quick_run):
@@ -158,8 +158,8 @@ def test_entropy_directions_separate_the_temperature_jump_from_the_stage_trend()
 
 
 def test_entropy_points_read_either_curve():
-  rows = [{"step": s, "entropy/mean": 1.0, "loss/entropy": float(s)} for s in range(1, 9)]
-  p = report.entropy_points(rows, switch=4, k=2, key="loss/entropy")
+  rows = [{"step": s, "entropy/mean": 1.0, "entropy/at_temperature": float(s)} for s in range(1, 9)]
+  p = report.entropy_points(rows, switch=4, k=2, key="entropy/at_temperature")
   assert p["switch"]["entropy"] == 3.5 and p["after_switch"]["entropy"] == 5.5
   assert report.entropy_points(rows, switch=4, k=2)["end"]["entropy"] == 1.0
 

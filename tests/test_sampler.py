@@ -1,6 +1,7 @@
 """egrc_jax.sampler: parity with transformers generate, statistics, determinism, compiles."""
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -150,11 +151,17 @@ def test_logprobs_and_entropy_match_teacher_forcing(pairs):
   step_logits = logits[:, Tp - 1 : Tp - 1 + C]  # position Tp-1+t predicts completion token t
   B, V = step_logits.shape[0], step_logits.shape[-1]
   flat = lambda x: x.reshape(B * C, *x.shape[2:])
-  lp, plp, ent = token_stats(flat(step_logits), flat(r.completion_tokens_BC), cfg)
+  st = token_stats(flat(step_logits), flat(r.completion_tokens_BC), cfg)
   m = np.asarray(r.completion_mask_BC)
   # float32 both ways; the cached path sums over S slots instead of T: rounding only.
-  for name, ref in [("logprobs", lp), ("policy_logprobs", plp), ("entropy", ent)]:
-    got = np.asarray(getattr(r, name + ("_BC" if name != "entropy" else "_BC")))
+  for name, ref in [
+    ("logprobs", st.logprob),
+    ("policy_logprobs", st.policy_logprob),
+    ("entropy", st.entropy),
+    ("tempered_logprobs", st.tempered_logprob),
+    ("tempered_entropy", st.tempered_entropy),
+  ]:
+    got = np.asarray(getattr(r, name + "_BC"))
     np.testing.assert_array_less(np.abs(got - np.asarray(ref).reshape(B, C))[m], 1e-4)
     assert (got[~m] == 0).all(), name
   # the sampled tokens are always inside the filtered support
@@ -173,10 +180,28 @@ def test_policy_stats_match_log_softmax():
   np.testing.assert_allclose(entropy, want, atol=1e-5)
   real = logits > -jnp.inf
   np.testing.assert_allclose((shifted - log_z[:, None])[real], logp[real], atol=1e-6)
-  tokens, _, policy, ent = sample_step(logits, None, SamplingConfig(greedy=True))
+  tokens, st = sample_step(logits, None, SamplingConfig(greedy=True))
   np.testing.assert_array_equal(tokens, jnp.argmax(logits, axis=-1))
-  np.testing.assert_allclose(policy, jnp.max(logp, axis=-1), atol=1e-6)
-  np.testing.assert_allclose(ent, want, atol=1e-5)
+  np.testing.assert_allclose(st.policy_logprob, jnp.max(logp, axis=-1), atol=1e-6)
+  np.testing.assert_allclose(st.entropy, want, atol=1e-5)
+
+
+def test_step_stats_hand_values():
+  # logits ln [1, 2, 5]: p = [1, 2, 5] / 8. At T = 0.5, p_T ~ p^2 = [1, 4, 25] / 30; top-k 2
+  # keeps tokens 1 and 2, so q = [0, 4, 25] / 29. The chosen token is 2.
+  logits = jnp.log(jnp.array([[1.0, 2.0, 5.0]]))
+  xlogx = lambda p: sum(x * math.log(x) for x in p)
+  cfg = SamplingConfig(temperature=0.5, top_k=2)
+  st = token_stats(logits, jnp.array([2]), cfg)
+  # float32 logs and sums of three terms: 1e-6.
+  np.testing.assert_allclose(st.logprob, [math.log(25 / 29)], atol=1e-6)
+  np.testing.assert_allclose(st.policy_logprob, [math.log(5 / 8)], atol=1e-6)
+  np.testing.assert_allclose(st.entropy, [-xlogx([1 / 8, 2 / 8, 5 / 8])], atol=1e-6)
+  np.testing.assert_allclose(st.tempered_logprob, [math.log(25 / 30)], atol=1e-6)
+  np.testing.assert_allclose(st.tempered_entropy, [-xlogx([1 / 30, 4 / 30, 25 / 30])], atol=1e-6)
+  # No filter: q = p_T, so the sampling and tempered log-probabilities are the same numbers.
+  st = token_stats(logits, jnp.array([2]), SamplingConfig(temperature=0.5))
+  np.testing.assert_array_equal(st.logprob, st.tempered_logprob)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from egrc_jax import losses
+from egrc_jax import train as train_lib
 from egrc_jax.model import get_preset, positions_from_mask
 from egrc_jax.sharding import batch_sharding, init_model, make_mesh
 from egrc_jax.train import (
@@ -22,7 +23,7 @@ from egrc_jax.train import (
 B, TP, C = 8, 6, 5
 
 
-def make_batch(seed=0, adv_scale=1.0):
+def make_batch(seed=0, adv_scale=1.0, pad_ref=0.0):
   rng = np.random.default_rng(seed)
   cfg = get_preset("tiny")
   prompt_mask = np.ones((B, TP), bool)
@@ -41,14 +42,15 @@ def make_batch(seed=0, adv_scale=1.0):
     positions_BS=np.asarray(positions_from_mask(mask)),
     targets_BC=tokens[:, TP:],
     old_logp_BC=np.full((B, C), -5.3, np.float32),
-    ref_logp_BC=np.zeros((B, C), np.float32),
+    sampler_logp_BC=np.full((B, C), -5.3, np.float32),
+    ref_logp_BC=np.where(weight == 0, pad_ref, -5.0).astype(np.float32),
     adv_BC=np.repeat(adv_scale * rng.normal(size=(B, 1)), C, 1).astype(np.float32),
     weight_BC=weight,
     select_BC=np.ones((B, C), np.float32),
   )
 
 
-def run(micro_batches, mesh=None, epochs=1, batch=None, steps=1, adam=False):
+def run(micro_batches, mesh=None, epochs=1, batch=None, steps=1, adam=False, loss_cfg=None):
   """One train step. Plain SGD (optax.identity) by default, so params - lr * grad compares
   gradients directly; Adam's first step (~ lr * sign(g)) would amplify rounding."""
   model = init_model(get_preset("tiny"), mesh, seed=0)
@@ -58,7 +60,7 @@ def run(micro_batches, mesh=None, epochs=1, batch=None, steps=1, adam=False):
   step = make_train_step(
     nnx.graphdef(model),
     tx,
-    losses.LossConfig(vocab_chunk=96),
+    loss_cfg or losses.LossConfig(vocab_chunk=96),
     micro_batches=micro_batches,
     ppo_epochs=epochs,
     mesh=mesh,
@@ -120,6 +122,61 @@ def test_non_finite_batch_leaves_state_untouched():
     jax.tree.leaves(state.params), jax.tree.leaves(nnx.state(fresh, nnx.Param)), strict=True
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_non_finite_value_on_a_zero_weight_token_keeps_the_step():
+  # k3's exp(ref - logp) overflows where ref = 200 (a pad slot with weight 0): the loss used
+  # to sum inf * 0 = NaN there and skip the whole update. Now the step is the clean one.
+  kl = losses.LossConfig(vocab_chunk=96, kl_kind="k3", kl_coef=0.1)
+  clean_state, clean = run(1, batch=make_batch(pad_ref=0.0), loss_cfg=kl)
+  state, m = run(2, batch=make_batch(pad_ref=200.0), loss_cfg=kl)
+  assert bool(m["finite"]) and int(state.step) == 1
+  # Same loss and update as with a harmless pad value (float32 summation order: 1e-5).
+  np.testing.assert_allclose(m["loss"], clean["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m["loss_weighted/kl"], clean["loss_weighted/kl"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(clean_state.params), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-8)
+
+
+def test_micro_batches_take_strided_rows():
+  x = np.arange(12)
+  mbs = train_lib._split(x, 3)
+  # Micro-batch j holds rows j, j + 3, j + 6, j + 9: one row from each block of 3.
+  assert np.asarray(mbs).tolist() == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
+  np.testing.assert_array_equal(train_lib._unsplit(mbs), x)
+
+
+def test_logprobs_pass_micro_batched_equals_whole():
+  model = init_model(get_preset("tiny"), None, seed=0)
+  params, gd = nnx.state(model, nnx.Param), nnx.graphdef(model)
+  batch = make_batch()
+  whole = train_lib.logprobs_pass(gd, params, batch, 0.7, 96, micro_batches=1)
+  split = jax.jit(lambda p, b: train_lib.logprobs_pass(gd, p, b, 0.7, 96, micro_batches=4))(
+    params, batch
+  )
+  # The same rows, computed in 4 groups of 2: float32 rounding only.
+  np.testing.assert_allclose(split, whole, atol=1e-5)
+
+
+def test_sampler_learner_metrics_hand_values():
+  learner = np.log(np.array([[0.5, 0.25, 0.9], [0.1, 0.2, 0.3]], np.float32))
+  sampler = np.log(np.array([[0.5, 0.5, 0.9], [0.2, 0.9, 0.3]], np.float32))
+  mask = np.array([[1, 1, 1], [1, 0, 0]], bool)
+  m = train_lib.sampler_learner_metrics(learner, sampler, mask)
+  # |d log p| on the 4 valid tokens: 0, ln 2, 0, ln 2 (the masked 0.2 vs 0.9 is ignored).
+  np.testing.assert_allclose(m["sampler_learner/max_abs_logp_diff"], np.log(2), rtol=1e-6)
+  np.testing.assert_allclose(m["sampler_learner/mean_abs_logp_diff"], np.log(2) / 2, rtol=1e-6)
+  x, y = np.array([0.5, 0.5, 0.9, 0.2]), np.array([0.5, 0.25, 0.9, 0.1])
+  np.testing.assert_allclose(m["sampler_learner/prob_pearson"], np.corrcoef(x, y)[0, 1], rtol=1e-5)
+
+
+def test_weighted_statistics_are_nan_without_weight():
+  # Stage 1 with no R > 0 row: nothing gets gradient; its weighted means are NaN, not 0.
+  b = make_batch()
+  b = b.replace(weight_BC=np.zeros_like(b.weight_BC))
+  state, m = run(1, batch=b)
+  assert bool(m["finite"]) and float(m["loss"]) == 0.0
+  assert np.isnan(m["loss_weighted/entropy"]) and np.isnan(m["loss_weighted/ratio"])
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -57,11 +57,18 @@ def test_each_arm_runs_with_finite_metrics(arm, tmp_path, shared_data):
       "entropy/mean",
       "reward/total",
       "length/mean",
-      "loss/clip_frac",
+      "entropy/at_temperature",
+      "sampler_learner/max_abs_logp_diff",
       "time/rollout",
       "time/update",
     ):
       assert np.isfinite(row[key]), (arm, key, row[key])
+    # Loss-weighted means exist when some token has weight (a random model earns no reward,
+    # so positive-only stage 1 trains on nothing: NaN there, never a made-up 0).
+    if row["advantage/kept_share"] > 0:
+      assert np.isfinite(row["loss_weighted/clip_frac"]), (arm, row)
+    else:
+      assert row["loss_weighted/clip_frac"] == "nan"
     assert row["finite"]
   begins = [e for e in events if e["event"].endswith("begins")]
   assert len(begins) == n_stages
@@ -73,6 +80,55 @@ def test_each_arm_runs_with_finite_metrics(arm, tmp_path, shared_data):
     assert [r["temperature"] for r in steps] == (
       [0.6, 0.6, 1.0, 1.0] if arm == "egrc" else [1.0, 1.0, 0.6, 0.6]
     )
+
+
+def test_lr_schedule_is_sized_in_rl_steps_with_ppo_epochs(tmp_path, shared_data):
+  # Two PPO epochs per step used to advance the schedule twice per RL step (warmup over in
+  # half its steps, the cosine at its floor half-way): every epoch of a step shares its lr.
+  from egrc_jax.train import OptimConfig, lr_schedule
+
+  c = tiny("arm=grpo,single.steps=4,optim.ppo_epochs=2,optim.warmup_steps=2", shared_data)
+  Trainer(c, str(tmp_path)).run()
+  rows, _ = read_metrics(tmp_path)
+  o = c.optim
+  sched = lr_schedule(OptimConfig(lr=o.lr, warmup_steps=2, total_steps=4, min_lr_ratio=0.1))
+  # lr (t+1)/2 for t < 2, then cosine from lr to 0.1 lr over steps 2..3.
+  assert [r["optim/lr"] for r in rows] == [sched(t) for t in range(4)]
+  assert [r["optim/lr"] for r in rows][:2] == [o.lr / 2, o.lr]
+
+
+@pytest.mark.parametrize("mode", ["auto", "never"])
+def test_filtered_rollouts_and_old_logprobs(mode, tmp_path, shared_data):
+  # top_p 0.5 on a near-uniform random model keeps about half the mass, so the sampler's
+  # log q exceeds the learner's log p_T by -log(kept mass): with the sampler's old logprobs
+  # the ratio starts well below 1; recomputed by the learner ("auto" with a filter) it is 1.
+  c = tiny(f"arm=grpo,rollout.top_p=0.5,rollout.recompute_old_logprobs={mode}", shared_data)
+  Trainer(c, str(tmp_path)).run()
+  rows, _ = read_metrics(tmp_path)
+  first = rows[0]
+  if mode == "auto":
+    assert abs(first["loss_weighted/ratio"] - 1.0) < 1e-4  # two compiled programs: rounding
+    assert all(r["time/old_logprobs"] > 0 for r in rows)
+  else:
+    assert first["loss_weighted/ratio"] < 0.8
+    assert all(r["time/old_logprobs"] == 0 for r in rows)
+  for r in rows:  # the sampler's log p_T against the learner's, on-policy: float32 rounding
+    assert r["sampler_learner/max_abs_logp_diff"] < 1e-4
+    assert r["sampler_learner/prob_pearson"] > 0.9999
+
+
+def test_entropy_at_the_sampling_temperature_is_a_plain_mean(tmp_path, shared_data):
+  # entropy/at_temperature comes from the rollout, over every completion token, in both
+  # stages; at T = 1 (enhance) it is the T = 1 entropy itself.
+  c = tiny("arm=egrc,compress.temperature=0.5", shared_data)
+  Trainer(c, str(tmp_path)).run()
+  rows, _ = read_metrics(tmp_path)
+  for r in rows:
+    assert np.isfinite(r["entropy/at_temperature"])
+    if r["stage"] == "enhance":
+      assert r["entropy/at_temperature"] == r["entropy/mean"]
+    else:  # sharper at T = 0.5
+      assert r["entropy/at_temperature"] < r["entropy/mean"]
 
 
 def test_entropy_switch_rule():
@@ -214,8 +270,8 @@ def test_kl_to_the_frozen_reference(tmp_path, shared_data):
   )
   Trainer(c, str(tmp_path)).run()
   rows, _ = read_metrics(tmp_path)
-  assert abs(rows[0]["loss/kl"]) < 1e-6
-  assert rows[1]["loss/kl"] > 1e-6
+  assert abs(rows[0]["loss_weighted/kl"]) < 1e-6
+  assert rows[1]["loss_weighted/kl"] > 1e-6
   assert all(r["time/reference"] > 0 for r in rows)
 
 
@@ -233,9 +289,10 @@ def test_kl_in_stage_two_only(tmp_path, shared_data):
   s1 = [r for r in rows if r["stage"] == "compress"]
   s2 = [r for r in rows if r["stage"] == "enhance"]
   assert len(s1) == len(s2) == 2
-  assert all(r["loss/kl"] == 0.0 and r["time/reference"] == 0.0 for r in s1)
+  # (no row gets gradient in stage 1 here, so its weighted KL mean is NaN, not a KL of 0)
+  assert all(r["loss_weighted/kl"] in (0.0, "nan") and r["time/reference"] == 0.0 for r in s1)
   assert all(r["time/reference"] > 0 for r in s2)
-  assert abs(s2[0]["loss/kl"]) < 1e-6 < s2[1]["loss/kl"]
+  assert abs(s2[0]["loss_weighted/kl"]) < 1e-6 < s2[1]["loss_weighted/kl"]
 
 
 def test_stage_kl_weights():
@@ -332,3 +389,40 @@ def test_branch_refuses_bad_input(tmp_path):
   out = branch.branch(run, 2, tmp_path / "ok")
   assert (out / "checkpoints" / "2" / "commit_success.txt").is_file()
   assert not (out / "checkpoints" / "3").exists()
+
+
+def test_every_reward_setting_is_a_config_key():
+  # Each RewardConfig field the stages pass comes from a config key (no hidden defaults):
+  # set every one to a non-default value and find it in the stage's reward.
+  from egrc_jax.rewards import RewardConfig
+
+  c = tiny(
+    "arm=baseline,single.reward=dapo_overlong,single.clip_truncated=false,single.kimi_weight=0.3,"
+    "single.sb_correct_weight=3.0,single.sb_beta=0.01,single.dapo_scale=0.5,"
+    "single.dapo_signed=false,single.az_alpha=0.2,single.l1_alpha=0.001,single.n_target=6,"
+    "single.buffer=3,single.r=0.25"
+  )
+  (stage,) = stages_for(c)
+  got = RewardConfig(name=stage.reward, max_len=8, **stage.kwargs())
+  want = dict(clip_truncated=False, kimi_weight=0.3, sb_correct_weight=3.0, sb_beta=0.01,
+              dapo_scale=0.5, dapo_signed=False, az_alpha=0.2, l1_alpha=0.001, n_target=6,
+              buffer=3, r=0.25)  # fmt: skip
+  assert {k: getattr(got, k) for k in want} == want
+  defaults = {f.name for f in dataclasses.fields(RewardConfig)} - {"name", "max_len"}
+  passed = set(stage.kwargs())
+  # w_len and shaping belong to the EE / EGRC stages; everything else the baseline passes.
+  assert defaults - passed == {"w_len", "shaping"}
+  s1, s2 = stages_for(tiny("arm=egrc,compress.clip_truncated=false,enhance.clip_truncated=false"))
+  assert s1.kwargs()["clip_truncated"] is False and s2.kwargs()["clip_truncated"] is False
+
+
+def test_one_connector_list_per_task():
+  from egrc_jax.analysis.__main__ import parser
+  from egrc_jax.toy import task
+
+  toy = config_lib.load_config_file(str(ROOT / "configs" / "toy.py"))
+  # The toy's training metrics count the words its evaluation counts (task.CONNECTORS) ...
+  assert tuple(toy.log.connectors) == task.CONNECTORS
+  # ... and the analysis commands default to the trainer's list.
+  args = parser().parse_args(["high_entropy_tokens", "--samples", "x", "--out", "y"])
+  assert tuple(args.connectors.split(",")) == config_lib.CONNECTORS

@@ -18,10 +18,11 @@ import json
 import logging
 import sys
 
-from egrc_jax.analysis import common, curves, entropy_grad, high_entropy, sampling, selected
+from egrc_jax.analysis import curves, entropy_grad, high_entropy, sampling, selected
 from egrc_jax.analysis import transitions as transitions_lib
 from egrc_jax.data import benchmarks
 from egrc_jax.sampler.config import DEFAULT_BUCKETS
+from egrc_jax.trainer.config import CONNECTORS
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -77,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
   h.add_argument("--benchmark", default="", help="only this benchmark's samples")
   _sampling_flags(h)
   h.add_argument("--rho", type=float, default=0.2, help="top-rho entropy fraction")
-  h.add_argument("--connectors", default=",".join(common.CONNECTORS))
+  h.add_argument("--connectors", default=",".join(CONNECTORS))
   h.add_argument("--out", required=True)
 
   s = sub.add_parser("selected_samples", help="samples each objective rewards (Fig. 3a)")

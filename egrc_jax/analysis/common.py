@@ -12,8 +12,6 @@ from collections.abc import Mapping, Sequence
 from egrc_jax.evaluate import samples_io
 from egrc_jax.grading import split_reasoning
 
-CONNECTORS = ("wait", "but", "so", "therefore", "alternatively", "hmm", "verify")
-
 
 def samples_path(path: str | os.PathLike) -> pathlib.Path:
   """samples.jsonl itself, or the one inside an evaluation workdir."""

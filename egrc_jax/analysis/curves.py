@@ -2,7 +2,7 @@
 stage switches as vertical lines and several runs overlaid.
 
 metrics.jsonl holds one JSON object per step ({"step", "stage", "entropy/mean",
-"loss/entropy", "length/mean", "accuracy", ...}) and event rows {"step", "event"}; a stage
+"entropy/at_temperature", "length/mean", "accuracy", ...}) and event rows {"step", "event"}; a stage
 switch is an event that `trainer.metrics.is_stage_begin` recognises ("stage X begins"). A
 partial last line is skipped.
 """
@@ -16,7 +16,7 @@ from egrc_jax.analysis import common
 from egrc_jax.trainer.metrics import is_stage_begin
 
 METRICS = (("entropy/mean", "policy entropy (T = 1)"),
-           ("loss/entropy", "entropy at the sampling temperature"),
+           ("entropy/at_temperature", "entropy at the sampling temperature"),
            ("length/mean", "mean length (tokens)"), ("accuracy", "accuracy"))  # fmt: skip
 
 

@@ -107,12 +107,24 @@ def token_loss(
   advantages: jax.Array,
   cfg: LossConfig,
   select_BT: jax.Array | None = None,
+  valid_BT: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Per-token loss l_bt (module docstring) and per-token statistics (TOKEN_STAT_NAMES).
 
   advantages: [B] (broadcast over tokens) or [B, T]. select_BT: the entropy selection factor
   s (None = 1), computed for the whole batch beforehand when micro-batching.
+  valid_BT: the tokens whose loss counts (weight != 0); elsewhere the behaviour and
+  reference logprobs are replaced by the policy's own (ratio 1, KL 0) and the loss is 0. A
+  masked-out slot can hold anything (k3's exp(ref - logp) overflows on a pad slot whose ref
+  is 0 and logp -100): multiplying by a zero weight does not help, because 0 * inf is NaN in
+  the loss and in its gradient.
   """
+  if valid_BT is not None:
+    valid_BT = valid_BT.astype(bool)
+    own = jax.lax.stop_gradient(logp_BT)
+    old_logp_BT = jnp.where(valid_BT, old_logp_BT, own)
+    if ref_logp_BT is not None:
+      ref_logp_BT = jnp.where(valid_BT, ref_logp_BT, own)
   adv_BT = _broadcast_adv(advantages, logp_BT.shape)
   pg_BT, clip = ppo_clip_objective(
     logp_BT, old_logp_BT, adv_BT, cfg.eps_low, cfg.eps_high, cfg.dual_clip_c
@@ -127,6 +139,8 @@ def token_loss(
     kl_BT = jnp.zeros(logp_BT.shape, jnp.float32)
   if cfg.entropy_coef:
     loss_BT = loss_BT - cfg.entropy_coef * entropy_BT.astype(jnp.float32)
+  if valid_BT is not None:
+    loss_BT = jnp.where(valid_BT, loss_BT, 0.0)
   sg = jax.lax.stop_gradient
   f32 = lambda x: x.astype(jnp.float32)
   stats = {

@@ -22,6 +22,8 @@ from egrc_jax.sampler.rollout import (
   summary,
 )
 from egrc_jax.sampler.sampling import (
+  Draw,
+  StepStats,
   inverse_cdf_sample,
   policy_stats,
   sample_step,
@@ -33,6 +35,8 @@ from egrc_jax.sampler.sampling import (
 
 __all__ = [
   "TRACE_COUNTS",
+  "Draw",
+  "StepStats",
   "Rollout",
   "SamplingConfig",
   "completion_lists",

@@ -80,8 +80,8 @@ def _is_stop(tokens_B, stop_ids: tuple[int, ...]):
 def decode_loop(
   graphdef, state, cache, last_PV, prompt_len_B, prompt_ids_B, seed, *, cfg, num_samples
 ):
-  """Draw C tokens for each of the B rows. Returns (tokens, mask, logprobs, policy
-  logprobs, entropy: each [B, C]; lengths [B]; truncated [B]; the final cache)."""
+  """Draw C tokens for each of the B rows. Returns (buffers [B, C]: tokens, mask and the
+  `StepStats` fields; lengths [B]; truncated [B]; the final cache)."""
   TRACE_COUNTS["decode_loop"] += 1
   model = nnx.merge(graphdef, state)
   B, C = prompt_len_B.shape[0], cfg.max_new_tokens
@@ -90,14 +90,12 @@ def decode_loop(
   step_keys = lambda t: jax.vmap(lambda k: jax.random.fold_in(k, t))(keys_B)
 
   logits_BV = jnp.repeat(last_PV, num_samples, axis=0)
-  tok_B, lp_B, plp_B, ent_B = sample_step(logits_BV, step_keys(0), cfg)
-  f32 = lambda: jnp.zeros((B, C), jnp.float32)
+  draw = sample_step(logits_BV, step_keys(0), cfg)
+  tok_B = draw.tokens
   bufs = {
     "tokens": jnp.full((B, C), cfg.pad_id, jnp.int32).at[:, 0].set(tok_B),
     "mask": jnp.zeros((B, C), bool).at[:, 0].set(True),
-    "logprobs": f32().at[:, 0].set(lp_B),
-    "policy_logprobs": f32().at[:, 0].set(plp_B),
-    "entropy": f32().at[:, 0].set(ent_B),
+    **{k: jnp.zeros((B, C), jnp.float32).at[:, 0].set(v) for k, v in draw.stats._asdict().items()},
   }
   done_B = _is_stop(tok_B, cfg.stop_token_ids)
 
@@ -110,17 +108,14 @@ def decode_loop(
     # Token t-1 sits at position len + t - 1 and cache slot Tp + t - 1 (= cache.index).
     pos_B1 = (prompt_len_B + t - 1)[:, None]
     logits_B1V, cache = model.decode(tok_B[:, None], pos_B1, jnp.ones((B, 1), bool), cache)
-    new_B, lp_B, plp_B, ent_B = sample_step(logits_B1V[:, 0], step_keys(t), cfg)
+    draw = sample_step(logits_B1V[:, 0], step_keys(t), cfg)
     live_B = ~done_B
-    new_B = jnp.where(live_B, new_B, cfg.pad_id)
+    new_B = jnp.where(live_B, draw.tokens, cfg.pad_id)
     put = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None], (0, t))
-    zero = lambda x: jnp.where(live_B, x, 0.0)
     bufs = {
       "tokens": put(bufs["tokens"], new_B),
       "mask": put(bufs["mask"], live_B),
-      "logprobs": put(bufs["logprobs"], zero(lp_B)),
-      "policy_logprobs": put(bufs["policy_logprobs"], zero(plp_B)),
-      "entropy": put(bufs["entropy"], zero(ent_B)),
+      **{k: put(bufs[k], jnp.where(live_B, v, 0.0)) for k, v in draw.stats._asdict().items()},
     }
     done_B = done_B | (live_B & _is_stop(new_B, cfg.stop_token_ids))
     return t + 1, cache, new_B, done_B, bufs
@@ -235,9 +230,11 @@ def generate_state(
     completion_mask_BC=bufs["mask"],
     lengths_B=lengths_B,
     truncated_B=truncated_B,
-    logprobs_BC=bufs["logprobs"],
-    policy_logprobs_BC=bufs["policy_logprobs"],
+    logprobs_BC=bufs["logprob"],
+    policy_logprobs_BC=bufs["policy_logprob"],
     entropy_BC=bufs["entropy"],
+    tempered_logprobs_BC=bufs["tempered_logprob"],
+    tempered_entropy_BC=bufs["tempered_entropy"],
     prompt_index_B=_put(np.arange(Pn * G, dtype=np.int32) // G, mesh),
     num_samples=G,
   )

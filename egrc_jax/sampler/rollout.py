@@ -21,8 +21,10 @@ class Rollout:
   truncated_B: the row spent the budget without emitting a stop token.
   logprobs_BC: log q(token) under the sampling distribution (temperature / top-k / top-p;
   0 when greedy). policy_logprobs_BC: log p(token) under the untempered policy (T = 1, no
-  filter). entropy_BC: -sum_v p_v log p_v of the untempered policy. All three are 0 where
-  completion_mask is False.
+  filter). entropy_BC: -sum_v p_v log p_v of the untempered policy. tempered_logprobs_BC
+  and tempered_entropy_BC: the same of p_T = softmax(logits / T), the sampling temperature
+  without the filters (what the learner recomputes; equal to logprobs_BC when no filter is
+  on; at T = 1 when greedy). All five are 0 where completion_mask is False.
   prompt_index_B: which input prompt a row answers (row // G). num_samples: G (static).
   """
 
@@ -35,6 +37,8 @@ class Rollout:
   logprobs_BC: jax.Array
   policy_logprobs_BC: jax.Array
   entropy_BC: jax.Array
+  tempered_logprobs_BC: jax.Array
+  tempered_entropy_BC: jax.Array
   prompt_index_B: jax.Array
   num_samples: int = flax.struct.field(pytree_node=False, default=1)
 

@@ -9,6 +9,8 @@ the float bits of the probabilities and the draw is an inverse-CDF search over v
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -123,36 +125,71 @@ def _take(x_BV: jax.Array, tokens_B: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x_BV, tokens_B[:, None], axis=-1)[:, 0]
 
 
-def token_stats(logits_BV: jax.Array, tokens_B: jax.Array, cfg: SamplingConfig):
-  """Statistics of chosen tokens under one step's float32 logits.
+class StepStats(NamedTuple):
+  """Statistics of one step's chosen tokens [B] (float32 unless said otherwise).
 
-  Returns (logprob_B, policy_logprob_B, entropy_B):
-    logprob = log q(token), q = softmax(sampling_logits) (0 when greedy: q is one-hot);
-    policy_logprob = log p(token), p = softmax(logits) (T = 1, no filter);
-    entropy = -sum_v p_v log p_v.
+  logprob: log q(token), q = softmax(sampling_logits): the sampling distribution
+    (temperature, then top-k / top-p; 0 when greedy, q being one-hot).
+  policy_logprob / entropy: log p(token) and -sum p log p of p = softmax(logits) (T = 1, no
+    filter).
+  tempered_logprob / tempered_entropy: the same of p_T = softmax(logits / T) (the sampling
+    temperature, no filter): what the learner recomputes at the stage temperature. Equal to
+    logprob when no filter is on; when greedy they are taken at T = 1.
   """
-  logits_BV = logits_BV.astype(jnp.float32)
-  shifted_BV, log_z_B, entropy_B = policy_stats(logits_BV)
-  policy_B = _take(shifted_BV, tokens_B) - log_z_B
+
+  logprob: jax.Array
+  policy_logprob: jax.Array
+  entropy: jax.Array
+  tempered_logprob: jax.Array
+  tempered_entropy: jax.Array
+
+
+class Draw(NamedTuple):
+  tokens: jax.Array  # int32 [B]
+  stats: StepStats
+
+
+def _filtered(cfg: SamplingConfig) -> bool:
+  return cfg.top_k > 0 or cfg.top_p < 1.0
+
+
+def _distributions(logits_BV, cfg: SamplingConfig):
+  """The per-step passes over the vocabulary, each done once: policy_stats of p (T = 1), of
+  p_T (shared with p when T = 1) and log q [B, V] (shared with log p_T when no filter;
+  None when greedy)."""
+  policy = policy_stats(logits_BV)
   if cfg.greedy:
-    return jnp.zeros_like(policy_B), policy_B, entropy_B
-  logq_BV = jax.nn.log_softmax(sampling_logits(logits_BV, cfg), axis=-1)
-  return _take(logq_BV, tokens_B), policy_B, entropy_B
+    return policy, policy, None
+  tempered = policy if cfg.temperature == 1.0 else policy_stats(logits_BV / cfg.temperature)
+  if _filtered(cfg):
+    logq_BV = jax.nn.log_softmax(sampling_logits(logits_BV, cfg), axis=-1)
+  else:  # q = p_T
+    logq_BV = tempered[0] - tempered[1][:, None]
+  return policy, tempered, logq_BV
 
 
-def sample_step(logits_BV: jax.Array, keys_B: jax.Array, cfg: SamplingConfig):
+def _stats(tokens_B, policy, tempered, logq_BV) -> StepStats:
+  (shifted_BV, log_z_B, entropy_B), (t_shifted_BV, t_log_z_B, t_entropy_B) = policy, tempered
+  policy_B = _take(shifted_BV, tokens_B) - log_z_B
+  tempered_B = _take(t_shifted_BV, tokens_B) - t_log_z_B
+  logq_B = jnp.zeros_like(policy_B) if logq_BV is None else _take(logq_BV, tokens_B)
+  return StepStats(logq_B, policy_B, entropy_B, tempered_B, t_entropy_B)
+
+
+def token_stats(logits_BV: jax.Array, tokens_B: jax.Array, cfg: SamplingConfig) -> StepStats:
+  """`StepStats` of chosen tokens under one step's float32 logits."""
+  return _stats(tokens_B, *_distributions(logits_BV.astype(jnp.float32), cfg))
+
+
+def sample_step(logits_BV: jax.Array, keys_B: jax.Array, cfg: SamplingConfig) -> Draw:
   """Draw one token per row. keys_B: one PRNG key per row (only used when sampling).
 
-  Returns (tokens_B int32, logprob_B, policy_logprob_B, entropy_B) as in `token_stats`.
+  Returns Draw(tokens_B int32, StepStats of the drawn tokens).
   """
-  logits_BV = logits_BV.astype(jnp.float32)
-  shifted_BV, log_z_B, entropy_B = policy_stats(logits_BV)
+  policy, tempered, logq_BV = _distributions(logits_BV.astype(jnp.float32), cfg)
   if cfg.greedy:
-    tokens_B = _first_zero(shifted_BV)  # reuses policy_stats' max: one pass fewer
-    policy_B = _take(shifted_BV, tokens_B) - log_z_B
-    return tokens_B, jnp.zeros_like(policy_B), policy_B, entropy_B
-  logq_BV = jax.nn.log_softmax(sampling_logits(logits_BV, cfg), axis=-1)
-  u_B = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys_B)
-  tokens_B = inverse_cdf_sample(jnp.exp(logq_BV), u_B)
-  policy_B = _take(shifted_BV, tokens_B) - log_z_B
-  return tokens_B, _take(logq_BV, tokens_B), policy_B, entropy_B
+    tokens_B = _first_zero(policy[0])  # reuses policy_stats' max: one pass fewer
+  else:
+    u_B = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys_B)
+    tokens_B = inverse_cdf_sample(jnp.exp(logq_BV), u_B)
+  return Draw(tokens_B, _stats(tokens_B, policy, tempered, logq_BV))

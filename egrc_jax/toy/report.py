@@ -40,9 +40,9 @@ ENTROPY_CURVES = {
     "the policy's entropy at T = 1 over the sampled response tokens (rollout)",
   ),
   "entropy_points_sampling": (
-    "loss/entropy",
-    "the entropy at the stage's sampling temperature (logits / T) over the same tokens "
-    "(learner); verl logs this one as actor/entropy",
+    "entropy/at_temperature",
+    "the entropy at the stage's sampling temperature (logits / T, no filter) over the same "
+    "tokens, a plain mean over every completion token (rollout)",
   ),
 }
 ENTROPY_POINTS = ("start", "switch", "after_switch", "end")

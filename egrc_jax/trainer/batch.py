@@ -39,8 +39,10 @@ def make_batch(
   excluded_in_denominator: bool,
   ref_logp_BC: np.ndarray | None = None,
 ) -> Batch:
-  """The learner's batch. Old logprobs are the sampler's (sampling distribution at the
-  stage temperature), which is the behaviour policy of the PPO ratio."""
+  """The learner's batch. Old logprobs are the sampler's log q (the sampling distribution:
+  stage temperature and filters), the behaviour policy of the PPO ratio; with a filter on,
+  the trainer replaces them by the learner's own recomputation (`rollout.
+  recompute_old_logprobs`), since the learner's log p_T cannot reproduce log q."""
   prompt = np.asarray(rollout.prompt_tokens_BTp)
   pmask = np.asarray(rollout.prompt_mask_BTp)
   comp = np.asarray(rollout.completion_tokens_BC)
@@ -70,6 +72,7 @@ def make_batch(
     positions_BS=np.asarray(positions_from_mask(mask)),
     targets_BC=comp.astype(np.int32),
     old_logp_BC=np.asarray(rollout.logprobs_BC, np.float32),
+    sampler_logp_BC=np.asarray(rollout.tempered_logprobs_BC, np.float32),
     ref_logp_BC=np.zeros(comp.shape, np.float32) if ref_logp_BC is None else ref_logp_BC,
     adv_BC=np.ascontiguousarray(adv_BC),
     weight_BC=np.asarray(weight, np.float32),

@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.max_new_tokens = 1024  # L: the length limit (length clipping at L)
   c.rollout.top_p = 1.0  # nucleus filter of training rollouts (1.0 keeps the PPO ratio exact)
   c.rollout.top_k = 0  # top-k filter of training rollouts (0 = off)
+  # PPO's old logprobs: the sampler's log q ("never" recompute), or the learner's own log p_T
+  # computed before the update ("always"); "auto": always when top_p < 1 or top_k > 0 (the
+  # learner cannot reproduce a filtered q, so the ratio would start at the kept mass < 1).
+  c.rollout.recompute_old_logprobs = "auto"  # auto | always | never
   c.rollout.prompt_buckets = (64, 128, 256, 512, 1024)  # compiled prompt lengths
 
   # -- grading --------------------------------------------------------------------------
@@ -87,6 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.compress.beta = 1.0  # A = beta * R [ours]
   c.compress.advantage = "absolute"  # absolute [paper] | group (ablation)
   c.compress.excluded_in_denominator = False  # positive-only: do excluded tokens count?
+  c.compress.clip_truncated = True  # length clipping: truncated -> c = 0 [paper]
   c.compress.kl_coef = -1.0  # this stage's KL weight; < 0: loss.kl_coef
 
   # -- stage 2: enhancement -------------------------------------------------------------
@@ -97,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.enhance.w_len = 0.5  # weight of the length advantage [ours]
   c.enhance.decompose = True  # norm(R_acc) + w*norm(R_len); False: norm(R_acc + w*R_len)
   c.enhance.std_normalize = True  # False: Dr.GRPO (no std division)
+  c.enhance.clip_truncated = True  # length clipping stays on in stage 2 [ours]
   c.enhance.kl_coef = -1.0  # this stage's KL weight (GRPO's beta); < 0: loss.kl_coef
 
   # -- one-stage arms -------------------------------------------------------------------
@@ -110,6 +116,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.single.az_alpha = 0.1  # Arora & Zanette alpha
   c.single.n_target = 512  # L1 target length (tokens)
   c.single.buffer = 256  # DAPO overlong buffer (tokens)
+  c.single.clip_truncated = True  # length clipping (thinkprune clips whatever this says)
+  c.single.kimi_weight = 1.0  # Kimi k1.5: weight of the length term lambda
+  c.single.sb_correct_weight = 2.0  # ShorterBetter: weight of c
+  c.single.sb_beta = 0.001  # ShorterBetter: weight of ||y| - SOL|
+  c.single.dapo_scale = 1.0  # DAPO: the overlong penalty reaches -dapo_scale at L
+  c.single.dapo_signed = True  # DAPO's rule reward +1 / -1 (False: c in {0, 1})
   c.single.kl_coef = -1.0  # KL weight of one-stage arms; < 0: loss.kl_coef
 
   # -- stage switching ------------------------------------------------------------------
@@ -255,6 +267,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"rollout.num_samples={c.rollout.num_samples}: need G >= 1")
   if c.rollout.max_new_tokens < 1:
     raise ValueError(f"rollout.max_new_tokens={c.rollout.max_new_tokens}: need L >= 1")
+  if c.rollout.recompute_old_logprobs not in ("auto", "always", "never"):
+    raise ValueError(
+      f"rollout.recompute_old_logprobs={c.rollout.recompute_old_logprobs!r}: use auto, always "
+      "or never"
+    )
   if c.switch.mode not in ("fixed", "entropy"):
     raise ValueError(f"switch.mode={c.switch.mode!r}: use fixed or entropy")
   if c.grading.mode not in ("math", "exact"):

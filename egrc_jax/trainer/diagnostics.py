@@ -38,6 +38,9 @@ def rollout_metrics(rollout, correct_B, connector_ids, rho: float) -> dict[str, 
     "length/truncation_rate": float(np.asarray(rollout.truncated_B).mean()),
     "length/correct_mean": mean_or_nan(lengths[np.asarray(correct_B, bool)]),
     "entropy/mean": mean_or_nan(valid),
+    # The entropy at the sampling temperature (p_T, no filter), a plain mean over every
+    # completion token: the same token population in every stage.
+    "entropy/at_temperature": mean_or_nan(np.asarray(rollout.tempered_entropy_BC)[mask]),
     "entropy/connector_mean": mean_or_nan(ent[is_conn]),
     "entropy/other_mean": mean_or_nan(ent[mask & ~is_conn]),
     "entropy/high_connector_share": float(is_conn[high].mean()) if high.any() else float("nan"),

@@ -7,7 +7,6 @@ SIGTERM, and resumes from the latest checkpoint in the workdir when re-run.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -28,9 +27,9 @@ from egrc_jax.train import (
   OptimConfig,
   init_state_sharded,
   lr_schedule,
+  make_logprobs_pass,
   make_optimizer,
   make_train_step,
-  reference_logprobs,
 )
 from egrc_jax.trainer import batch as batch_lib
 from egrc_jax.trainer import diagnostics, setup
@@ -70,7 +69,15 @@ class Trainer:
     self.ref_params = (
       jax.tree.map(jnp.copy, nnx.state(self.model, nnx.Param)) if self.use_ref else None
     )
-    self._ref_fn = jax.jit(reference_logprobs, static_argnums=(0, 4))
+    rows = c.data.prompts_per_step * c.rollout.num_samples
+    self.micro_batches = rows // (c.optim.micro_batch_rows or rows)
+    # One jitted logprob pass serves the reference (KL) and the recomputed old logprobs.
+    self._logp_fn = make_logprobs_pass(
+      self.graphdef, self.loss_cfg.vocab_chunk, self.micro_batches, self.mesh
+    )
+    mode = c.rollout.recompute_old_logprobs
+    filtered = c.rollout.top_p < 1.0 or c.rollout.top_k > 0
+    self.recompute_old = mode == "always" or (mode == "auto" and filtered)
     self.train_data = setup.train_prompts(c, self.tokenizer)
     self.eval_data = setup.eval_prompts(c, self.tokenizer)
     self.grader = setup.make_grader(c)
@@ -117,7 +124,7 @@ class Trainer:
     self._stop = True
 
   # -- one RL step --------------------------------------------------------------------
-  def rl_step(self, stage: Stage, state, train_step, global_step: int):
+  def rl_step(self, stage: Stage, state, train_step, global_step: int, stage_step: int):
     c = self.config
     G, L = c.rollout.num_samples, c.rollout.max_new_tokens
     t0 = time.time()
@@ -146,17 +153,24 @@ class Trainer:
       loss_cfg,
       excluded_in_denominator=stage.excluded_in_denominator,
     )
-    ref_time = 0.0
-    if loss_cfg.kl_kind is not None:
-      tr = time.time()
-      ref = self._ref_logp(batch, stage.temperature)
-      batch = dataclasses.replace(batch, ref_logp_BC=np.asarray(ref))
-      ref_time = time.time() - tr
-    t3 = time.time()
-    lr = self._lr(stage, int(state.step))
     if self.mesh is not None:
       batch = jax.device_put(batch, batch_sharding(self.mesh))
-    state, m = train_step(state, batch, jnp.float32(stage.temperature), jnp.float32(lr))
+    temperature = jnp.float32(stage.temperature)
+    ref_time = old_time = 0.0
+    if loss_cfg.kl_kind is not None:
+      tr = time.time()
+      ref = self._logp_fn(self.ref_params, batch, temperature)
+      batch = batch.replace(ref_logp_BC=jax.block_until_ready(ref))
+      ref_time = time.time() - tr
+    if self.recompute_old:
+      tr = time.time()
+      old = self._logp_fn(state.params, batch, temperature)
+      batch = batch.replace(old_logp_BC=jax.block_until_ready(old))
+      old_time = time.time() - tr
+    t3 = time.time()
+    # The schedule is sized in RL steps: every PPO epoch of one step uses the same lr.
+    lr = self._lr(stage, stage_step)
+    state, m = train_step(state, batch, temperature, jnp.float32(lr))
     nnx.update(self.model, state.params)  # the donated arrays are gone: point at the new ones
     m = to_host(m)
     t4 = time.time()
@@ -175,6 +189,7 @@ class Trainer:
         "time/rollout": t1 - t0,
         "time/grading": t2 - t1,
         "time/reference": ref_time,
+        "time/old_logprobs": old_time,
         "time/update": t4 - t3,
         "time/step": t4 - t0,
         "throughput/rollout_tokens_per_s": float(np.sum(rollout.lengths_B)) / max(t1 - t0, 1e-9),
@@ -188,11 +203,6 @@ class Trainer:
     texts = sampler.decode_texts(jax.tree.map(lambda x: x[rows], rollout), self.tokenizer)
     local = np.asarray(self.grader.grade(texts, golds[rows]), bool)
     return gather_rows(local)
-
-  def _ref_logp(self, batch, temperature):
-    return self._ref_fn(
-      self.graphdef, self.ref_params, batch, temperature, self.loss_cfg.vocab_chunk
-    )
 
   # -- evaluation ---------------------------------------------------------------------
   def evaluate(self, params, tag: str) -> dict:
@@ -279,7 +289,6 @@ class Trainer:
     # One optimizer for every stage, and one compiled train step per distinct stage loss
     # (lr is a step argument, so stages that differ only in their schedule share one).
     tx = make_optimizer(self._optim_config(self.stages[0]))
-    rows = c.data.prompts_per_step * c.rollout.num_samples
     train_steps = {}  # one compiled step per distinct stage loss (most arms: one)
     while stage_index < len(self.stages):
       stage = self.stages[stage_index]
@@ -297,7 +306,7 @@ class Trainer:
           self.graphdef,
           tx,
           loss_cfg,
-          micro_batches=rows // (c.optim.micro_batch_rows or rows),
+          micro_batches=self.micro_batches,
           ppo_epochs=c.optim.ppo_epochs,
           remat=c.optim.remat,
           mesh=self.mesh,
@@ -322,7 +331,7 @@ class Trainer:
         )
       end_stage = stage_step >= stage.steps
       while not end_stage:
-        state, metrics = self.rl_step(stage, state, train_steps[loss_cfg], global_step)
+        state, metrics = self.rl_step(stage, state, train_steps[loss_cfg], global_step, stage_step)
         global_step += 1
         stage_step += 1
         if not metrics["finite"]:

@@ -20,7 +20,7 @@ class Stage:
   temperature: float  # sampling temperature of the rollouts
   reward: str  # egrc_jax.rewards.RewardConfig name
   advantage: str  # absolute (stage 1: A = beta R, positive-only) | group | decomposed
-  reward_kwargs: tuple[tuple[str, float | int], ...] = ()  # extra RewardConfig fields
+  reward_kwargs: tuple[tuple[str, float | int | bool | str], ...] = ()  # extra RewardConfig fields
   beta: float = 1.0
   w_len: float = 0.0
   std_normalize: bool = True
@@ -44,7 +44,11 @@ def _compress(c) -> Stage:
     temperature=c.compress.temperature,
     reward=reward,
     advantage=c.compress.advantage,
-    reward_kwargs=(("r", c.compress.r), ("shaping", c.compress.shaping)),
+    reward_kwargs=(
+      ("r", c.compress.r),
+      ("shaping", c.compress.shaping),
+      ("clip_truncated", c.compress.clip_truncated),
+    ),
     beta=c.compress.beta,
     excluded_in_denominator=c.compress.excluded_in_denominator,
     kl_coef=_kl_coef(c.compress),
@@ -58,7 +62,11 @@ def _enhance(c) -> Stage:
     temperature=c.enhance.temperature,
     reward="egrc_enhance",
     advantage="decomposed" if c.enhance.decompose else "group",
-    reward_kwargs=(("r", c.enhance.r), ("w_len", c.enhance.w_len)),
+    reward_kwargs=(
+      ("r", c.enhance.r),
+      ("w_len", c.enhance.w_len),
+      ("clip_truncated", c.enhance.clip_truncated),
+    ),
     w_len=c.enhance.w_len,
     std_normalize=c.enhance.std_normalize,
     kl_coef=_kl_coef(c.enhance),
@@ -95,8 +103,8 @@ def stages_for(c: ml_collections.ConfigDict) -> list[Stage]:
     "reverse": lambda: [_enhance(c), _compress(c)],
     "compress": lambda: [_compress(c)],
     "enhance": lambda: [_enhance(c)],
-    "ee": lambda: [_single(c, "ee", "ee", r=s.r, w_len=s.w_len)],
-    "grpo": lambda: [_single(c, "grpo", "accuracy")],
+    "ee": lambda: [_single(c, "ee", "ee", r=s.r, w_len=s.w_len, clip_truncated=s.clip_truncated)],
+    "grpo": lambda: [_single(c, "grpo", "accuracy", clip_truncated=s.clip_truncated)],
     "baseline": lambda: [
       _single(
         c,
@@ -107,6 +115,12 @@ def stages_for(c: ml_collections.ConfigDict) -> list[Stage]:
         az_alpha=s.az_alpha,
         n_target=s.n_target,
         buffer=s.buffer,
+        clip_truncated=s.clip_truncated,
+        kimi_weight=s.kimi_weight,
+        sb_correct_weight=s.sb_correct_weight,
+        sb_beta=s.sb_beta,
+        dapo_scale=s.dapo_scale,
+        dapo_signed=s.dapo_signed,
       )
     ],
   }
