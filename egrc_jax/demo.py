@@ -21,6 +21,7 @@ import tempfile  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from egrc_jax import cli
 from egrc_jax.hf import export_model, load_model  # noqa: E402
 from egrc_jax.model import KVCache, positions_from_mask  # noqa: E402
 
@@ -68,7 +69,8 @@ def greedy(model, tokens_BT: np.ndarray, mask_BT: np.ndarray, steps: int) -> np.
   return np.asarray(jnp.stack(out, axis=1))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+  cli.Parser(prog="python -m egrc_jax.demo", description=__doc__).parse_args(argv)
   import torch
   from transformers import AutoModelForCausalLM
 
@@ -116,4 +118,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run(main))

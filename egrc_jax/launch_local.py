@@ -13,7 +13,6 @@ and the exit status is the first failure's. This module never imports jax.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shlex
@@ -23,6 +22,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from egrc_jax import cli
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
   if "--" in argv:
     command = argv[argv.index("--") + 1 :]
     argv = argv[: argv.index("--")]
-  p = argparse.ArgumentParser(prog="launch/local.sh", description=__doc__.split("\n")[0])
+  p = cli.Parser(prog="launch/local.sh", description=__doc__.split("\n")[0])
   p.add_argument("--num_processes", "--num-processes", type=int, default=2)
   p.add_argument("--devices_per_process", "--devices-per-process", type=int, default=4)
   p.add_argument("--port", type=int, default=0, help="coordinator port; 0 picks a free one")
@@ -166,4 +167,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run(main))

@@ -13,13 +13,12 @@ a trainer checkpoint's params are exported with `egrc_jax.hf.export_model`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import shutil
 import sys
 
-from egrc_jax import hf
+from egrc_jax import cli, hf
 from egrc_jax.evaluate import model_io
 
 WEIGHT_GLOBS = ("*.safetensors", "model.safetensors.index.json")
@@ -64,9 +63,13 @@ def model_card(name: str, run_config: dict | None, results: dict, table_md: str,
     f'model = AutoModelForCausalLM.from_pretrained("{name}")',
     'msgs = [{"role": "user", "content": "What is 1 + 1?\\nPlease reason step by step, and put '
     'your final answer within \\\\boxed{}."}]',
-    "ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors='pt')",
-    "out = model.generate(ids, max_new_tokens=4096)  # sampling settings: generation_config.json",
-    "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))", "```", "",
+    "inputs = tok.apply_chat_template(",
+    "  msgs, add_generation_prompt=True, return_tensors='pt', return_dict=True",
+    ")",
+    "# Sampling settings come from generation_config.json.",
+    "out = model.generate(**inputs, max_new_tokens=4096)",
+    "print(tok.decode(out[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))",
+    "```", "",
     f"Sampling settings (generation_config.json): `{json.dumps(gen)}`.", "",
     "## Evaluation", "",
   ]  # fmt: skip
@@ -87,16 +90,18 @@ def model_card(name: str, run_config: dict | None, results: dict, table_md: str,
 def release(run: str, out: str, results: str | None = None, tokenizer: str = "",
             overwrite: bool = False) -> pathlib.Path:  # fmt: skip
   """Write the release directory `out` (see the module docstring); returns its path."""
+  # Every input is read and checked before --out is created.
   src = model_io.resolve(run)
   dst = pathlib.Path(out)
-  if dst.exists() and any(dst.iterdir()) and not overwrite:
-    raise FileExistsError(f"{dst} is not empty; choose a new --out or pass --overwrite")
-  dst.mkdir(parents=True, exist_ok=True)
+  if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+    raise FileExistsError(f"--out={str(dst)!r} exists and is not empty; choose a new --out or "
+                          "pass --overwrite")  # fmt: skip
   res, table = _read_results(results)
   gen = generation_settings(res)
   tok = model_io.load_tokenizer(src, tokenizer or None)
   if not getattr(tok, "chat_template", None):
     raise ValueError(f"the tokenizer of {run} has no chat template; pass --tokenizer=<dir>")
+  dst.mkdir(parents=True, exist_ok=True)
   if src.kind == "hf":
     for pattern in (*WEIGHT_GLOBS, "config.json", "generation_config.json"):
       for f in src.path.glob(pattern):
@@ -116,8 +121,7 @@ def release(run: str, out: str, results: str | None = None, tokenizer: str = "",
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m egrc_jax.release", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+  p = cli.Parser(prog="python -m egrc_jax.release", description=__doc__)
   p.add_argument("--run", required=True, help="trainer workdir, HF dir or checkpoint step dir")
   p.add_argument("--results", default="", help="evaluation workdir (results.json, results.md)")
   p.add_argument("--out", required=True, help="release directory to write")
@@ -130,4 +134,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run(main))

@@ -1,6 +1,7 @@
 """egrc_jax.analysis: every command writes its figure and numbers; hand-checked fixtures."""
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -123,13 +124,16 @@ def test_curves(tmp_path):
                                "accuracy": 0.1 * s}))  # fmt: skip
       if s == switch:
         lines.append(json.dumps({"step": s, "event": "stage enhance begins", "why": "fixed"}))
+        lines.append(json.dumps({"step": s, "eval/compress/accuracy": 0.5}))  # stage-end eval
     (wd / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 7, "entr')  # partial
     runs.append(wd)
   out = tmp_path / "fig"
   args = ["curves", *[f"--workdir={w}" for w in runs], "--label=A", "--label=B", f"--out={out}"]
   assert analysis_main(args) == 0
   rows, js = _outputs(out, "curves")
-  assert len(rows) == 12
+  assert len(rows) == 14  # 6 steps + 1 evaluation row per run
+  # 6 steps per run, not 7 rows: the evaluation row shares its step's number.
+  assert js["runs"]["A"]["steps"] == js["runs"]["B"]["steps"] == 6
   assert [e["step"] for e in js["runs"]["B"]["stage_switches"]] == [0, 4]
 
 
@@ -202,3 +206,33 @@ def test_entropy_grad_cli_and_teacher_forcing(tiny_model, tmp_path, shared_data,
   assert analysis_main(args) == 0
   _, he = _outputs(out2, "high_entropy_tokens")
   assert he["num_tokens"] == int(mask.sum()) and he["num_high"] >= math.ceil(0.2 * he["num_tokens"])
+
+
+def test_high_entropy_tokens_of_a_trainer_workdir_evaluation(tmp_path):
+  # The evaluation of a trainer workdir records the workdir as its model; its tokenizer is
+  # in hf_final/ (the lookup used to try the workdir itself and fail).
+  run = tmp_path / "run"
+  save_tiny_model(run / "hf_final")
+  (run / "config.json").write_text(json.dumps({"data": {"instruction": ""}}))
+  recs = [_rec("p0", 0, False, 4, token_ids=[65, 66, 67, 68], token_entropy=[0.1, 0.9, 0.2, 0.8])]
+  d = _write(tmp_path / "ev", recs, config={"model": str(run)})
+  out = tmp_path / "fig"
+  assert analysis_main(["high_entropy_tokens", f"--samples={d}", f"--out={out}"]) == 0
+  _, js = _outputs(out, "high_entropy_tokens")
+  assert js["num_tokens"] == 4
+
+
+def test_prompts_use_the_runs_own_instruction(tmp_path):
+  from egrc_jax.data import chat
+  from egrc_jax.evaluate import model_io
+
+  run = tmp_path / "run"
+  save_tiny_model(run / "hf_final")
+  (run / "config.json").write_text(json.dumps({"data": {"instruction": "", "system_prompt": "S"}}))
+  src = model_io.resolve(run)
+  # A trainer run (e.g. the toy, trained without the math instruction) is prompted as trained.
+  assert sampling.prompt_format(src, None) == ("", "S")
+  assert sampling.prompt_format(src, "Think.") == ("Think.", "S")  # --instruction wins
+  plain = model_io.resolve(run / "hf_final")  # a plain HF directory: the standard one
+  plain = dataclasses.replace(plain, run_config=None)
+  assert sampling.prompt_format(plain, None) == (chat.INSTRUCTION, "")

@@ -2,6 +2,7 @@
 README.md, docs/, launch/, configs/ and the package's docstrings names a config file that
 exists and override keys that exist."""
 
+import os
 import pathlib
 import re
 
@@ -62,3 +63,33 @@ def test_documented_config_spec_is_real(where, path, overrides):
     key = item.split("=", 1)[0]
     assert "=" in item, f"{where}: override {item!r} of {path} is not key=value"
     assert _has_key(c, key), f"{where}: {path} has no config key {key!r}"
+
+
+# -- code the project writes for users runs ------------------------------------------------
+PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+
+
+def python_blocks(text: str) -> list[str]:
+  return PYTHON_BLOCK.findall(text)
+
+
+def run_block(code: str, cwd: pathlib.Path) -> None:
+  """Execute one code block as a user would paste it (fresh namespace, given cwd)."""
+  here = os.getcwd()
+  os.chdir(cwd)
+  try:
+    exec(compile(code, "<doc block>", "exec"), {"__name__": "__doc_block__"})
+  finally:
+    os.chdir(here)
+
+
+DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize(
+  "page,index",
+  [(p.name, i) for p in DOC_PAGES for i in range(len(python_blocks(p.read_text())))],
+)
+def test_python_blocks_in_the_docs_run(page, index, capsys):
+  path = next(p for p in DOC_PAGES if p.name == page)
+  run_block(python_blocks(path.read_text())[index], ROOT)

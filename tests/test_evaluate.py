@@ -198,3 +198,15 @@ def test_hf_export_cli_releases_a_trainer_workdir(trainer_workdir, tmp_path):
           "tokenizer.json"} <= names  # fmt: skip
   _greedy_parity(str(out))
   assert hf_cli(["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+
+
+def test_model_card_usage_code_runs(tiny_model, tmp_path, capfd):
+  # The card's Python block, as a user pastes it next to the release directory (with fewer
+  # new tokens). It used to pass a BatchEncoding to generate(), which transformers 5 rejects.
+  from test_docs import python_blocks, run_block
+
+  out = release(str(tiny_model), str(tmp_path / "rel"))
+  (code,) = python_blocks((out / "README.md").read_text())
+  assert 'from_pretrained("rel")' in code
+  run_block(code.replace("max_new_tokens=4096", "max_new_tokens=6"), tmp_path)
+  assert capfd.readouterr().out.count("\n") >= 1  # it got as far as printing the completion

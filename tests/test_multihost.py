@@ -43,7 +43,7 @@ def test_two_processes_match_one_and_resume(tmp_path, shared_data):
   one, two = tmp_path / "one", tmp_path / "two"
   Trainer(tiny("", shared_data), str(one)).run()
   first = launch_two(two, "run_steps=3")  # stops inside stage 2, checkpointed
-  assert '"preempted": true' in first
+  assert '"stopped_early": "run_steps"' in first
   launch_two(two, "")  # resumes at step 3 from the shared workdir
   rows_one, _ = read_metrics(one)
   rows_two, events = read_metrics(two)

@@ -168,7 +168,7 @@ def test_resume_is_bitwise_exact(tmp_path, shared_data):
   full, split = tmp_path / "full", tmp_path / "split"
   Trainer(tiny("", shared_data), str(full)).run()
   first = Trainer(tiny("run_steps=1", shared_data), str(split)).run()
-  assert first["preempted"] and first["global_step"] == 1
+  assert first["stopped_early"] == "run_steps" and first["global_step"] == 1
   second = Trainer(tiny("run_steps=2", shared_data), str(split)).run()  # crosses the switch
   assert second["global_step"] == 3
   Trainer(tiny("", shared_data), str(split)).run()
@@ -196,7 +196,7 @@ def test_sigterm_saves_a_restorable_checkpoint(tmp_path, shared_data, monkeypatc
 
   monkeypatch.setattr(trainer.writer, "write", write_then_preempt)
   result = trainer.run()
-  assert result == {"preempted": True, "global_step": 1}
+  assert result == {"stopped_early": "sigterm", "global_step": 1}
   assert trainer.ckpt.latest_step() == 1
   resumed = Trainer(tiny("", shared_data), str(tmp_path)).run()
   assert resumed["global_step"] == 4
@@ -426,3 +426,23 @@ def test_one_connector_list_per_task():
   # ... and the analysis commands default to the trainer's list.
   args = parser().parse_args(["high_entropy_tokens", "--samples", "x", "--out", "y"])
   assert tuple(args.connectors.split(",")) == config_lib.CONNECTORS
+
+
+def test_a_rerun_of_a_finished_run_holds_its_final_params(tmp_path, shared_data):
+  # Re-running a finished run used to leave the trainer on the *starting* params, which
+  # main then exported as hf_final: the SFT model reported as the RL model.
+  from flax import nnx
+
+  c = tiny("arm=grpo,loss.entropy_coef=0.5,optim.lr=1e-2", shared_data)
+  first = Trainer(c, str(tmp_path))
+  first.run()
+  trained = jax.tree.map(np.asarray, nnx.state(first.model, nnx.Param))
+  again = Trainer(tiny("arm=grpo,loss.entropy_coef=0.5,optim.lr=1e-2", shared_data), str(tmp_path))
+  start = jax.tree.map(np.asarray, nnx.state(again.model, nnx.Param))
+  result = again.run()
+  assert result["already_finished"] and result["global_step"] == 2
+  final = jax.tree.map(np.asarray, nnx.state(again.model, nnx.Param))
+  moved = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(start)))
+  assert moved > 0  # the run did train
+  for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(final), strict=True):
+    np.testing.assert_array_equal(a, b)

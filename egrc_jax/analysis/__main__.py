@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 
+from egrc_jax import cli
 from egrc_jax.analysis import curves, entropy_grad, high_entropy, sampling, selected
 from egrc_jax.analysis import transitions as transitions_lib
 from egrc_jax.data import benchmarks
@@ -43,6 +44,9 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
   a("--seed", type=int, default=0)
   a("--prompt_buckets", type=_ints, default=DEFAULT_BUCKETS)
   a("--grader_workers", type=int, default=1)
+  a("--instruction", default=None,
+    help="appended to each problem (default: the trainer run's data.instruction, or the "
+    "standard math instruction for a plain HF model); '' for none")  # fmt: skip
 
 
 def _settings(args) -> sampling.SampleSettings:
@@ -50,14 +54,12 @@ def _settings(args) -> sampling.SampleSettings:
     n=args.n, temperature=args.temperature, top_p=args.top_p,
     max_new_tokens=args.max_new_tokens, limit=args.limit, seed=args.seed,
     prompt_buckets=args.prompt_buckets, grader_workers=args.grader_workers,
+    instruction=args.instruction,
   )  # fmt: skip
 
 
-def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog="python -m egrc_jax.analysis", description=__doc__,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )  # fmt: skip
+def parser() -> cli.Parser:
+  p = cli.Parser(prog="python -m egrc_jax.analysis", description=__doc__)
   sub = p.add_subparsers(dest="kind", required=True)
 
   t = sub.add_parser("transitions", help="original vs compressed correctness (Fig. 4)")
@@ -102,13 +104,15 @@ def run(args: argparse.Namespace) -> dict:
                                args.threshold)  # fmt: skip
   if args.kind == "entropy_grad":
     if not args.model:
-      raise SystemExit("entropy_grad needs --model")
+      raise ValueError("entropy_grad needs --model (an HF directory or a trainer workdir)")
     return entropy_grad.run(args.model, args.prompts, args.out, _settings(args), args.data_root,
                             args.advantage, args.r, args.tokenizer)  # fmt: skip
   if args.kind == "high_entropy_tokens":
     conns = tuple(w.strip().lower() for w in args.connectors.split(",") if w.strip())
     if bool(args.samples) == bool(args.model):
-      raise SystemExit("high_entropy_tokens needs exactly one of --samples or --model")
+      raise ValueError(
+        "high_entropy_tokens needs exactly one of --samples (an evaluation) or --model"
+      )
     if args.samples:
       return high_entropy.run_samples(args.samples, args.tokenizer, args.out, args.rho, conns,
                                       args.benchmark or None)  # fmt: skip
@@ -129,4 +133,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run(main))

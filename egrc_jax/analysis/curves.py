@@ -55,13 +55,13 @@ def run(workdirs: list[str], out: str, labels: list[str] | None = None) -> dict:
   labels = labels or [pathlib.Path(w).name for w in workdirs]
   if len(labels) != len(workdirs):
     raise ValueError(f"{len(labels)} labels for {len(workdirs)} workdirs; give one per run")
+  runs = [read_metrics(wd) for wd in workdirs]  # every input read before --out is created
   d = common.out_dir(out)
   plt = common.pyplot()
   fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
   csv_rows, summary = [], {"runs": {}}
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-  for i, (wd, label) in enumerate(zip(workdirs, labels, strict=True)):
-    rows, events = read_metrics(wd)
+  for i, (wd, label, (rows, events)) in enumerate(zip(workdirs, labels, runs, strict=True)):
     switches = stage_switches(events)
     color = colors[i % len(colors)]
     for ax, (key, title) in zip(axes, METRICS, strict=True):
@@ -75,7 +75,8 @@ def run(workdirs: list[str], out: str, labels: list[str] | None = None) -> dict:
       csv_rows.append({"run": label, "step": r["step"], "stage": r.get("stage"),
                        **{k: r.get(k) for k, _ in METRICS}})  # fmt: skip
     summary["runs"][label] = {
-      "workdir": str(wd), "steps": len(rows),
+      # Steps, not rows: an evaluation row shares the number of the step it follows.
+      "workdir": str(wd), "steps": len({r["step"] for r in rows}),
       "stage_switches": [{"step": s, "event": e} for s, e in switches],
     }  # fmt: skip
   axes[0].legend()

@@ -78,10 +78,10 @@ def run(model: str, prompts: str, out: str, settings: sampling.SampleSettings, d
   """Sample, grade, recompute token stats; write entropy_grad.{png,csv,json} to `out`."""
   if advantage not in ADVANTAGES:
     raise ValueError(f"advantage={advantage!r}; use one of {ADVANTAGES}")
-  d = common.out_dir(out)
   m, _, examples, rollout, _, correct_B = sampling.sample_and_grade(
     model, prompts, settings, data_root, tokenizer
   )
+  d = common.out_dir(out)
   G = settings.n
   lengths_B = sampling.host(rollout.lengths_B)
   trunc_B = sampling.host(rollout.truncated_B)

@@ -113,9 +113,17 @@ def run_samples(samples: str, tokenizer_dir: str, out: str, rho: float, connecto
                 benchmark: str | None = None) -> dict:  # fmt: skip
   """From an evaluation's samples.jsonl (saved with --save_token_entropy)."""
   from egrc_jax.data.chat import load_tokenizer
+  from egrc_jax.evaluate import model_io
 
-  tok_dir = tokenizer_dir or common.eval_settings(samples).get("tokenizer") or ""
-  tok_dir = tok_dir or common.eval_settings(samples).get("model", "")
+  settings = common.eval_settings(samples)
+  tok_dir = tokenizer_dir or settings.get("tokenizer") or ""
+  if not tok_dir and settings.get("model"):
+    # The evaluated model's own tokenizer: a trainer workdir keeps it in hf_final/.
+    try:
+      found = model_io.resolve(settings["model"]).tokenizer_dir
+    except FileNotFoundError:
+      found = None
+    tok_dir = str(found or settings["model"])
   if not tok_dir:
     raise ValueError("pass --tokenizer (the evaluation records no model directory)")
   try:

@@ -37,6 +37,9 @@ class SampleSettings:
   seed: int = 0
   prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS
   grader_workers: int = 1
+  # The instruction appended to each problem; None: the run's own (data.instruction of the
+  # trainer run the model comes from) or, for a plain HF model, the standard math one.
+  instruction: str | None = None
 
   def __post_init__(self):
     for name in ("n", "max_new_tokens", "limit", "grader_workers"):
@@ -81,7 +84,8 @@ def sample_and_grade(
     max_new_tokens=settings.max_new_tokens, stop_token_ids=chat.stop_ids(tok, cfg),
     pad_id=chat.pad_id(tok), prompt_buckets=settings.prompt_buckets,
   )  # fmt: skip
-  ids = [chat.encode_prompt(tok, ex["problem"]) for ex in examples]
+  instruction, system = prompt_format(src, settings.instruction)
+  ids = [chat.encode_prompt(tok, ex["problem"], instruction, system) for ex in examples]
   seeds = [prompt_seed_id(prompts, i) for i in range(len(examples))]
   rollout = generate(model, ids, scfg, settings.n, settings.seed, prompt_ids=seeds)
   lengths = np.asarray(rollout.lengths_B)
@@ -93,6 +97,16 @@ def sample_and_grade(
   with GraderPool(settings.grader_workers, mode="math") as pool:
     correct = np.asarray(pool.grade([extract_answer(t) for t in texts], golds), bool)
   return model, tok, examples, rollout, texts, correct
+
+
+def prompt_format(src: model_io.ModelSource, instruction: str | None) -> tuple[str, str]:
+  """(instruction, system prompt) for prompting the model of `src` as it was trained: an
+  explicit instruction wins; else the trainer run's data.instruction / data.system_prompt;
+  else the standard math instruction and no system prompt."""
+  data = (src.run_config or {}).get("data", {})
+  if instruction is None:
+    instruction = data.get("instruction", chat.INSTRUCTION)
+  return instruction, data.get("system_prompt", "")
 
 
 def host(x: jax.Array) -> np.ndarray:

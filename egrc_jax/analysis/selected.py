@@ -91,8 +91,8 @@ def run(samples: str, out: str, max_len: int = 0, r: float = 0.5, weight: str = 
   L = max_len or int(common.eval_settings(samples).get("max_new_tokens", 0))
   if L <= 0:
     raise ValueError("pass --max_len (the length limit L of the stage-1 reward)")
-  d = common.out_dir(out)
   rows = selected_table(common.load_samples(samples, benchmark), L, r)
+  d = common.out_dir(out)
   summary = summarize(rows, weight)
   summary.update(max_len=L, r=r, benchmark=benchmark)
   common.write_csv(d / "selected_samples.csv", rows)

@@ -93,10 +93,10 @@ def plot(rows: list[dict], summary: dict, path, title: str) -> None:
 
 def run(original: str, compressed: str, benchmark: str, out: str, threshold: float = 0.5):
   """Write transitions.png, transitions.csv and transitions.json to `out`; returns summary."""
-  d = common.out_dir(out)
   rows, summary = transitions(
     common.load_samples(original, benchmark), common.load_samples(compressed, benchmark), threshold
   )
+  d = common.out_dir(out)
   summary["benchmark"] = benchmark
   common.write_csv(d / "transitions.csv", rows)
   common.write_json(d / "transitions.json", summary)

@@ -10,12 +10,13 @@ misses are all exercised. Prints a table and one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import re
+import sys
 import time
 
+from egrc_jax import cli
 from egrc_jax.data.gold import gold_answer
 from egrc_jax.grading import GraderPool, grade_responses
 
@@ -39,13 +40,16 @@ def make_responses(golds: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.Parser(prog="python -m egrc_jax.bench.grading", description=__doc__)
   parser.add_argument("--workers", type=int, default=2)
   parser.add_argument("--n", type=int, default=500)
   parser.add_argument("--timeout_s", type=float, default=5.0)
   parser.add_argument("--data", type=pathlib.Path, default=DATA)
   args = parser.parse_args(argv)
-  rows = [json.loads(line) for line in (args.data / "benchmarks/math500/test.jsonl").open()]
+  path = args.data / "benchmarks/math500/test.jsonl"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: pass --data=<the folder holding benchmarks/>")
+  rows = [json.loads(line) for line in path.open()]
   golds = [gold_answer("math500", r) for r in rows][: args.n]
   responses = make_responses(golds)
   t0 = time.perf_counter()
@@ -74,4 +78,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main))

@@ -15,7 +15,6 @@ in the same run) and grouped decode against the matmul FLOP/s measured in the sa
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from egrc_jax import cli
 from egrc_jax.hf import config_from_hf, model_from_state_dict
 from egrc_jax.sampler import SamplingConfig, decode_loop, prefill, prepare_prompts
 
@@ -41,7 +41,7 @@ SIZES = {
 
 
 def _args(argv):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p = cli.Parser(prog="python -m egrc_jax.bench.sampler", description=__doc__)
   size = p.add_mutually_exclusive_group()
   size.add_argument("--small", action="store_true", help="a smaller model, ~30 s")
   size.add_argument("--tiny", action="store_true", help="seconds; for the test suite")
@@ -326,4 +326,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main))

@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 
+from egrc_jax import cli
 from egrc_jax.data import benchmarks, chat
 from egrc_jax.evaluate.runner import EvalConfig, evaluate
 from egrc_jax.sampler.config import DEFAULT_BUCKETS
@@ -36,11 +37,8 @@ def mesh_shape(text: str) -> tuple[int, int, int] | None:
   return shape  # type: ignore[return-value]
 
 
-def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog="python -m egrc_jax.evaluate", description=__doc__,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )  # fmt: skip
+def parser() -> cli.Parser:
+  p = cli.Parser(prog="python -m egrc_jax.evaluate", description=__doc__)
   a = p.add_argument
   a("--model", required=True, help="HF directory, trainer workdir or checkpoint step directory")
   a("--workdir", required=True, help="output directory (samples.jsonl, results.json/.md)")
@@ -85,4 +83,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run(main))

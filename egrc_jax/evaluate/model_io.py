@@ -6,9 +6,8 @@
     orbax checkpoint `checkpoints/<step>/`;
   * one trainer checkpoint directory `<workdir>/checkpoints/<step>` (holding `state/`, `meta/`).
 
-From a trainer checkpoint only the `params` subtree of the saved TrainState is read (orbax
-partial restore onto the abstract model's shardings); the optimizer moments stay on disk.
-The model config comes from the checkpoint's `meta` JSON ("model_config").
+A trainer checkpoint is read by `egrc_jax.trainer.checkpoint.restore_params`, the reader
+next to its writer: only the `params` subtree, with the model config from its `meta`.
 """
 
 from __future__ import annotations
@@ -18,14 +17,11 @@ import json
 import os
 import pathlib
 
-import jax
-import orbax.checkpoint as ocp
-from flax import nnx
 from jax.sharding import Mesh
 
 from egrc_jax import hf
 from egrc_jax.model import ModelConfig, Transformer
-from egrc_jax.sharding import abstract_model, state_shardings
+from egrc_jax.trainer.checkpoint import restore_params
 
 HF_FINAL = "hf_final"
 
@@ -86,46 +82,6 @@ def resolve(path: str | os.PathLike) -> ModelSource:
     f"trainer workdir (with {HF_FINAL}/ or checkpoints/<step>/), or a checkpoint step directory "
     "(with state/ and meta/)"
   )
-
-
-def restore_params(step_dir: str | os.PathLike, mesh: Mesh | None = None):
-  """(ModelConfig, Transformer) from the `params` of a trainer checkpoint step directory."""
-  step_dir = pathlib.Path(step_dir).absolute()
-  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as c:
-    meta = c.restore(step_dir / "meta")
-  if "model_config" not in meta:
-    raise ValueError(f"{step_dir}/meta has no 'model_config': not a trainer checkpoint")
-  d = dict(meta["model_config"])
-  d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
-  cfg = ModelConfig(**d)
-  graphdef, abstract = abstract_model(cfg)
-  flat = dict(nnx.to_flat_state(abstract))
-  if mesh is None:
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = {p: one for p in flat}
-  else:
-    shardings = {p: s.get_value() for p, s in nnx.to_flat_state(state_shardings(abstract, mesh))}
-  # The saved nnx.State is a nested dict with string keys and a {"value": array} per Variable.
-  key = lambda path: tuple(str(k) for k in path)
-  target: dict = {}
-  for path, var in flat.items():
-    node = target
-    for k in key(path)[:-1]:
-      node = node.setdefault(k, {})
-    sds = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shardings[path])
-    node[key(path)[-1]] = {"value": sds}
-  item = {"params": target}
-  args = ocp.args.PyTreeRestore(
-    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
-  )
-  with ocp.PyTreeCheckpointer() as c:
-    restored = c.restore(step_dir / "state", args=args)
-  by_key = {key(p): p for p in flat}
-  leaves = []
-  for kp, x in jax.tree_util.tree_flatten_with_path(restored["params"])[0]:
-    path = by_key[tuple(str(getattr(e, "key", e)) for e in kp)[:-1]]  # drop the "value" level
-    leaves.append((path, flat[path].replace(x)))
-  return cfg, nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
 def load(

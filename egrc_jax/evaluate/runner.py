@@ -246,7 +246,21 @@ def _sync(name: str) -> None:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-  """Run (or resume) the evaluation; writes and returns results.json's content."""
+  """Run (or resume) the evaluation; writes and returns results.json's content.
+
+  Every input (the model, its tokenizer, the benchmarks, the baseline) is checked before
+  the workdir is created or its eval_config.json written, so a typo leaves nothing behind.
+  """
+  src = model_io.resolve(cfg.model)
+  if not cfg.tokenizer and src.tokenizer_dir is None:
+    model_io.load_tokenizer(src)  # raises: no tokenizer found, pass --tokenizer
+  if cfg.tokenizer and not pathlib.Path(cfg.tokenizer).is_dir():
+    raise FileNotFoundError(f"--tokenizer={cfg.tokenizer!r} is not a directory")
+  if cfg.baseline and not pathlib.Path(cfg.baseline).is_file():
+    raise FileNotFoundError(
+      f"--baseline={cfg.baseline!r} not found: pass the results.json of an evaluation"
+    )
+  selected = _select(cfg)
   workdir = pathlib.Path(cfg.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   check_resume(workdir, cfg)
@@ -254,7 +268,6 @@ def evaluate(cfg: EvalConfig) -> dict:
   if _is_writer():
     samples_io.repair(samples_path)
   _sync("samples repaired")  # every process then reads the same finished problems
-  selected = _select(cfg)
   done = samples_io.done_problems(samples_io.read_samples(samples_path), cfg.n)
   todo = {
     name: [ex for ex in exs if (name, ex["id"]) not in done] for name, exs in selected.items()

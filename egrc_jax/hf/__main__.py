@@ -6,11 +6,11 @@ python -m egrc_jax.hf export --checkpoint CKPT_DIR --out HF_DIR [--tokenizer TOK
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
 
+from egrc_jax import cli
 from egrc_jax.hf.export import DEFAULT_MAX_SHARD_BYTES, export_model
 from egrc_jax.hf.load import load_model
 from egrc_jax.hf.native import load_native, save_native
@@ -20,10 +20,8 @@ def _log(msg: str) -> None:
   print(msg, flush=True)
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog="python -m egrc_jax.hf", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-  )
+def _parser() -> cli.Parser:
+  p = cli.Parser(prog="python -m egrc_jax.hf", description=__doc__)
   sub = p.add_subparsers(dest="command", required=True)
   imp = sub.add_parser(
     "import", help="HF directory (config.json + *.safetensors) -> native checkpoint"
@@ -79,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
       cfg, model = load_native(args.checkpoint)
     except FileNotFoundError as e:
-      print(f"error: {e}; or pass a trainer workdir / checkpoint step", file=sys.stderr)
-      return 2
+      raise FileNotFoundError(f"{e}; or pass a trainer workdir / checkpoint step") from None
     _log(f"read {args.checkpoint}: {cfg.model_type}, {cfg.num_params():,} params")
     export_model(
       model,
@@ -96,4 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run(main))

@@ -30,17 +30,18 @@ if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import argparse
 import dataclasses
 import gc
 import json
 import logging
 import pathlib
 import shutil
+import sys
 import time
 
 import numpy as np
 
+from egrc_jax import cli
 from egrc_jax.analysis import curves, high_entropy
 from egrc_jax.data.chat import load_tokenizer
 from egrc_jax.evaluate.model_io import restore_params
@@ -195,12 +196,9 @@ def run_arm(cfg: PipelineConfig, seed_dir: pathlib.Path, arm: str, seed: int) ->
   config = load_config_file(cfg.rl_config, arm_overrides(cfg, seed_dir, arm, seed))
   trainer = Trainer(config, str(workdir))
   results = trainer.run()
-  if results.get("preempted"):
+  if results.get("stopped_early"):
     raise SystemExit(f"{arm} stopped early at step {results['global_step']}: re-run to resume")
-  if not any(k.startswith("stage_") for k in results):
-    # The run had finished before this call (stopped before its export): the trainer holds
-    # the starting params, the final ones are in the last checkpoint.
-    trainer.model = restore_params(final_checkpoint(workdir))[1]
+  # (A run that had finished before this call holds its final params too: Trainer.run.)
   export_final(trainer, str(workdir / "hf_final"))
   done.write_text(json.dumps(results, indent=1, default=str) + "\n")
   del trainer
@@ -341,6 +339,13 @@ def run(cfg: PipelineConfig, workdir) -> dict:
   return out["report"]
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(s) for s in text.split(",") if s.strip())
+  except ValueError:
+    raise ValueError(f"--seeds={text!r}: give comma-separated integers, e.g. 0,1,2") from None
+
+
 def config_from_args(args) -> PipelineConfig:
   sft = sft_lib.SftConfig(**QUICK_SFT) if args.quick else sft_lib.SftConfig()
   if args.sft_steps:
@@ -350,7 +355,7 @@ def config_from_args(args) -> PipelineConfig:
   if args.cot:
     sft = dataclasses.replace(sft, cot=task_lib.cot_from_overrides(args.cot, sft.cot))
   return PipelineConfig(
-    seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
+    seeds=parse_seeds(args.seeds),
     sft=sft,
     rl_config=args.rl_config,
     rl_overrides=args.rl_overrides,
@@ -361,8 +366,8 @@ def config_from_args(args) -> PipelineConfig:
   )
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> cli.Parser:
+  parser = cli.Parser(prog="python -m egrc_jax.toy.pipeline", description=__doc__)
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
   parser.add_argument("--sft_steps", type=int, default=0, help="0: the SFT default (1000)")
@@ -385,4 +390,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main))

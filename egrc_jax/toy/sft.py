@@ -21,10 +21,10 @@ if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import argparse
 import dataclasses
 import json
 import pathlib
+import sys
 import time
 
 import jax
@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from egrc_jax import cli
 from egrc_jax.model import ModelConfig, Transformer, positions_from_mask
 from egrc_jax.sharding import init_model
 from egrc_jax.toy import task as task_lib
@@ -221,7 +222,7 @@ def train_sft(
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = cli.Parser(prog="python -m egrc_jax.toy.sft", description=__doc__)
   parser.add_argument("--workdir", required=True)
   d = SftConfig()
   parser.add_argument("--steps", type=int, default=d.steps)
@@ -267,4 +268,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main))

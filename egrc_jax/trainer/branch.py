@@ -18,11 +18,12 @@ results.json. RUN_DIR is only read.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import shutil
+import sys
 
+from egrc_jax import cli
 from egrc_jax.trainer.metrics import RUN_FINISHED, is_stage_begin
 
 CHECKPOINTS = "checkpoints"
@@ -114,24 +115,22 @@ def branch(source, step: int, dest) -> pathlib.Path:
   return dest
 
 
-def main(argv=None) -> pathlib.Path:
-  parser = argparse.ArgumentParser(
-    description="Branch a trainer run at one of its checkpoints (see the module docstring)."
+def main(argv=None) -> int:
+  parser = cli.Parser(
+    prog="python -m egrc_jax.trainer.branch",
+    description="Branch a trainer run at one of its checkpoints (see the module docstring).",
   )
   parser.add_argument("--source", required=True, help="the run's --workdir (only read)")
   parser.add_argument("--step", required=True, type=int, help="a checkpointed global step")
   parser.add_argument("--dest", required=True, help="a new, empty directory")
   args = parser.parse_args(argv)
-  try:
-    out = branch(args.source, args.step, args.dest)
-  except BranchError as e:
-    raise SystemExit(f"error: {e}") from None
+  out = branch(args.source, args.step, args.dest)
   print(
     f"branched {args.source} at step {args.step} into {out}; resume with\n"
     f"  python -m egrc_jax.main --config=<config>:<changed keys> --workdir={out}"
   )
-  return out
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main))

@@ -13,19 +13,49 @@ import pathlib
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
 
+from egrc_jax.cli import UserError
 from egrc_jax.model import ModelConfig
+from egrc_jax.sharding import abstract_model, state_shardings
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
   pass
 
 
-def check_writable(workdir: str) -> None:
-  """Fail early, before any work, when the workdir cannot be written."""
+# The ModelConfig fields that fix the parameter shapes: a checkpoint restores only onto these.
+SHAPE_KEYS = (
+  "vocab_size",
+  "hidden_size",
+  "intermediate_size",
+  "num_layers",
+  "num_heads",
+  "num_kv_heads",
+  "head_dim",
+  "tie_embeddings",
+  "qkv_bias",
+  "qk_norm",
+)
+
+
+def check_writable(workdir: str, create: bool = True) -> None:
+  """Fail early when the workdir cannot be written. create=False checks without creating
+  anything (the nearest existing folder must be a writable directory), so a run that is
+  refused later for another reason leaves nothing behind."""
   if "://" in workdir:  # gs:// and friends: orbax reports permission errors itself
     return
   path = pathlib.Path(workdir)
+  if not create:
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+      what = "is not a directory" if not existing.is_dir() else "is not writable"
+      raise CheckpointError(
+        f"workdir {workdir!r} cannot be created: {existing} {what}; pass a --workdir you can "
+        "write to"
+      )
+    return
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe = path / ".write_probe"
@@ -35,6 +65,18 @@ def check_writable(workdir: str) -> None:
     raise CheckpointError(
       f"workdir {workdir!r} is not writable ({e.strerror}); pass a --workdir you can write to"
     ) from None
+
+
+def check_model_shape(saved: dict, cfg: ModelConfig, where: str) -> None:
+  """Refuse a checkpoint written for another model shape, naming both shapes."""
+  mine = json_model_config(cfg)
+  diff = {k: (saved.get(k), mine[k]) for k in SHAPE_KEYS if saved.get(k) != mine[k]}
+  if diff:
+    detail = ", ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in diff.items())
+    raise CheckpointError(
+      f"{where} was written for a different model ({detail}); use a fresh --workdir or the "
+      "matching model config"
+    )
 
 
 class Checkpointer:
@@ -70,27 +112,9 @@ class Checkpointer:
     before orbax reads any array.
     """
     meta = self.restore_meta(step)
-    saved = meta.get("model_config", {})
-    mine = json_model_config(model_cfg)
-    shape_keys = (
-      "vocab_size",
-      "hidden_size",
-      "intermediate_size",
-      "num_layers",
-      "num_heads",
-      "num_kv_heads",
-      "head_dim",
-      "tie_embeddings",
-      "qkv_bias",
-      "qk_norm",
+    check_model_shape(
+      meta.get("model_config", {}), model_cfg, f"checkpoint step {step} in {self.manager.directory}"
     )
-    diff = {k: (saved.get(k), mine[k]) for k in shape_keys if saved.get(k) != mine[k]}
-    if diff:
-      detail = ", ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in diff.items())
-      raise CheckpointError(
-        f"checkpoint step {step} in {self.manager.directory} was written for a different "
-        f"model ({detail}); use a fresh --workdir or the matching model config"
-      )
     target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       abstract_state,
@@ -101,9 +125,63 @@ class Checkpointer:
     )
     return out["state"], out["meta"]
 
+  def step_dir(self, step: int) -> pathlib.Path:
+    return pathlib.Path(self.manager.directory) / str(step)
+
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def model_config_of(step_dir: str | os.PathLike) -> ModelConfig:
+  """The ModelConfig a trainer checkpoint step directory was written for (its meta)."""
+  step_dir = pathlib.Path(step_dir).absolute()
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as c:
+    meta = c.restore(step_dir / "meta")
+  if "model_config" not in meta:
+    raise CheckpointError(f"{step_dir}/meta has no 'model_config': not a trainer checkpoint")
+  d = dict(meta["model_config"])
+  d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+  return ModelConfig(**d)
+
+
+def restore_params(step_dir: str | os.PathLike, mesh: Mesh | None = None):
+  """(ModelConfig, Transformer) from the `params` of a trainer checkpoint step directory.
+
+  Only the params subtree of the saved TrainState is read (orbax partial restore onto the
+  abstract model's shardings); the optimizer moments stay on disk.
+  """
+  step_dir = pathlib.Path(step_dir).absolute()
+  cfg = model_config_of(step_dir)
+  graphdef, abstract = abstract_model(cfg)
+  flat = dict(nnx.to_flat_state(abstract))
+  if mesh is None:
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = {p: one for p in flat}
+  else:
+    shardings = {p: s.get_value() for p, s in nnx.to_flat_state(state_shardings(abstract, mesh))}
+  # `save` writes the TrainState as nested dicts with string keys and a {"value": array} per
+  # nnx Variable: the restore target mirrors that layout for the params alone.
+  key = lambda path: tuple(str(k) for k in path)
+  target: dict = {}
+  for path, var in flat.items():
+    node = target
+    for k in key(path)[:-1]:
+      node = node.setdefault(k, {})
+    sds = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shardings[path])
+    node[key(path)[-1]] = {"value": sds}
+  item = {"params": target}
+  args = ocp.args.PyTreeRestore(
+    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+  )
+  with ocp.PyTreeCheckpointer() as c:
+    restored = c.restore(step_dir / "state", args=args)
+  by_key = {key(p): p for p in flat}
+  leaves = []
+  for kp, x in jax.tree_util.tree_flatten_with_path(restored["params"])[0]:
+    path = by_key[tuple(str(getattr(e, "key", e)) for e in kp)[:-1]]  # drop the "value" level
+    leaves.append((path, flat[path].replace(x)))
+  return cfg, nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
 def json_model_config(cfg: ModelConfig) -> dict:

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from egrc_jax import sampler
+from egrc_jax.cli import UserError
 from egrc_jax.data import chat
 from egrc_jax.rewards import RewardConfig, compute_rewards
 from egrc_jax.sharding import batch_sharding, gather_rows, process_rows, to_host
@@ -33,15 +34,22 @@ from egrc_jax.train import (
 )
 from egrc_jax.trainer import batch as batch_lib
 from egrc_jax.trainer import diagnostics, setup
-from egrc_jax.trainer.checkpoint import Checkpointer, check_writable, json_model_config
+from egrc_jax.trainer.checkpoint import (
+  Checkpointer,
+  CheckpointError,
+  check_model_shape,
+  check_writable,
+  json_model_config,
+  restore_params,
+)
 from egrc_jax.trainer.metrics import RUN_FINISHED, MetricsWriter, stage_begins
 from egrc_jax.trainer.stages import EntropySwitch, Stage, stage_loss_config, stages_for
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteError(RuntimeError):
-  pass
+class NonFiniteError(UserError):
+  """K consecutive non-finite updates (optim.max_bad_steps): the run stops, params intact."""
 
 
 def _seed(*parts) -> int:
@@ -51,7 +59,9 @@ def _seed(*parts) -> int:
 
 class Trainer:
   def __init__(self, config, workdir: str):
-    check_writable(workdir)
+    # Everything is loaded and checked before anything is written: a refused run (a wrong
+    # path, a checkpoint of another shape) leaves the workdir as it was, or absent.
+    check_writable(workdir, create=False)
     self.config, self.workdir = config, workdir
     c = config
     self.mesh = setup.mesh_from_config(c)
@@ -80,15 +90,40 @@ class Trainer:
     self.recompute_old = mode == "always" or (mode == "auto" and filtered)
     self.train_data = setup.train_prompts(c, self.tokenizer)
     self.eval_data = setup.eval_prompts(c, self.tokenizer)
-    self.grader = setup.make_grader(c)
     self.connector_ids = diagnostics.connector_token_ids(self.tokenizer, c.log.connectors)
+    self._check_existing_run()
+    check_writable(workdir)
     self.ckpt = Checkpointer(workdir, c.checkpoint.keep)
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(c.to_json(indent=1))
     total = sum(s.steps for s in self.stages)
     self.writer = MetricsWriter(workdir, total, c.log.tensorboard)
-    self._stop = False
+    self.grader = setup.make_grader(c)
+    self._stop = self._sigterm = False
+
+  def _check_existing_run(self) -> None:
+    """A workdir that holds checkpoints resumes only the same stage layout and model shape."""
+    ckpts = os.path.join(self.workdir, "checkpoints")
+    if "://" not in self.workdir and not os.path.isdir(ckpts):
+      return
+    probe = Checkpointer(self.workdir, self.config.checkpoint.keep)
+    try:
+      latest = probe.latest_step()
+      if latest is None:
+        return
+      meta = probe.restore_meta(latest)
+    finally:
+      probe.close()
+    names = [s.name for s in self.stages]
+    if meta.get("stage_names") != names:
+      raise CheckpointError(
+        f"the checkpoint in {self.workdir} belongs to a run with stages "
+        f"{meta.get('stage_names')}, not {names}; use a fresh --workdir"
+      )
+    check_model_shape(
+      meta.get("model_config", {}), self.model_cfg, f"checkpoint step {latest} in {ckpts}"
+    )
 
   # -- helpers ------------------------------------------------------------------------
   def sampling_config(self, temperature: float, top_p: float | None = None):
@@ -121,7 +156,7 @@ class Trainer:
 
   def _on_sigterm(self, signum, frame):
     log.warning("SIGTERM received: finishing this step, saving a checkpoint, exiting")
-    self._stop = True
+    self._stop = self._sigterm = True
 
   # -- one RL step --------------------------------------------------------------------
   def rl_step(self, stage: Stage, state, train_step, global_step: int, stage_step: int):
@@ -266,12 +301,7 @@ class Trainer:
     restored_state = None
     latest = self.ckpt.latest_step()
     if latest is not None:
-      meta = self.ckpt.restore_meta(latest)
-      if meta.get("stage_names") != [s.name for s in self.stages]:
-        raise RuntimeError(
-          f"the checkpoint in {self.workdir} belongs to a run with stages "
-          f"{meta.get('stage_names')}, not {[s.name for s in self.stages]}; use a fresh workdir"
-        )
+      meta = self.ckpt.restore_meta(latest)  # its layout and shape: _check_existing_run
       global_step, stage_index, stage_step = (
         meta["global_step"],
         meta["stage_index"],
@@ -281,6 +311,8 @@ class Trainer:
       switch_state = meta.get("switch_state")
       self.train_data.set_state(meta["data_state"])
       restored_state = latest
+      if stage_index >= len(self.stages):
+        return self._finished_before(latest, meta)
       self.writer.event(global_step, "resumed", checkpoint=latest, stage_index=stage_index)
 
     self._start_step = global_step
@@ -366,8 +398,7 @@ class Trainer:
             global_step, state, self._meta(global_step, stage_index, stage_step, switch)
           )
           if self._stop:
-            self.writer.event(global_step, "stopping early: checkpoint saved; re-run to resume")
-            return {"preempted": True, "global_step": global_step}
+            return self._stopped_early(global_step)
       # Stage end: evaluate, then checkpoint as the start of the next stage.
       if stage_index < len(self.stages) - 1 and global_step not in self.switch_steps:
         self.switch_steps.append(global_step)
@@ -376,11 +407,29 @@ class Trainer:
         self.writer.write(global_step, {**ev, "stage": stage.name})
       results[f"stage_{stage_index}_{stage.name}"] = {"end_step": global_step, **ev}
       stage_index, stage_step = stage_index + 1, 0
-      self.ckpt.save(global_step, state, self._meta(global_step, stage_index, 0, None))
+      if stage_index == len(self.stages):
+        results["global_step"] = global_step
+      # The last save also records the run's results (a re-run of a finished run reports
+      # them and exports the final params from this checkpoint).
+      extra = {"results": results} if stage_index == len(self.stages) else None
+      self.ckpt.save(global_step, state, self._meta(global_step, stage_index, 0, None, extra))
       nnx.update(self.model, state.params)
       if self._stop and stage_index < len(self.stages):
-        self.writer.event(global_step, "stopping early: checkpoint saved; re-run to resume")
-        return {"preempted": True, "global_step": global_step}
-    results["global_step"] = global_step
+        return self._stopped_early(global_step)
     self.writer.event(global_step, RUN_FINISHED, switch_steps=self.switch_steps)
     return results
+
+  def _stopped_early(self, global_step: int) -> dict:
+    """A stop before the end, checkpointed: by `run_steps` or by SIGTERM (preemption)."""
+    reason = "sigterm" if self._sigterm else "run_steps"
+    self.writer.event(global_step, f"stopping early ({reason}): checkpoint saved; re-run to resume")
+    return {"stopped_early": reason, "global_step": global_step}
+
+  def _finished_before(self, step: int, meta: dict) -> dict:
+    """The workdir's run had finished before this call: load its final params into the model
+    (what the export writes) and report its results, training nothing."""
+    _, final = restore_params(self.ckpt.step_dir(step), self.mesh)
+    nnx.update(self.model, nnx.state(final, nnx.Param))
+    self.writer.event(step, "run had already finished: nothing to train")
+    results = dict(meta.get("results") or {"global_step": step})
+    return {**results, "already_finished": True}

@@ -67,6 +67,11 @@ class MetricsWriter:
     self._console(step, clean)
 
   def _console(self, step: int, m: dict) -> None:
+    evals = {k: v for k, v in m.items() if k.startswith("eval/")}
+    if evals and "loss" not in m:  # an evaluation row: its numbers, not a progress bar
+      parts = " ".join(f"{k.removeprefix('eval/')}={_fmt('{:.3f}', v)}" for k, v in evals.items())
+      print(f"== step {step}: evaluation {parts}", flush=True, file=sys.stdout)
+      return
     done = min(step / self.total, 1.0)
     bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
     parts = [_fmt(fmt, m[k]) for k, fmt in _CONSOLE_KEYS if k in m and m[k] is not None]
