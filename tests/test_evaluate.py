@@ -197,7 +197,11 @@ def test_hf_export_cli_releases_a_trainer_workdir(trainer_workdir, tmp_path):
   assert {"config.json", "model.safetensors", "generation_config.json", "README.md",
           "tokenizer.json"} <= names  # fmt: skip
   _greedy_parity(str(out))
-  assert hf_cli(["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+  from egrc_jax import cli
+
+  assert (
+    cli.run(hf_cli, ["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+  )
 
 
 def test_model_card_usage_code_runs(tiny_model, tmp_path, capfd):

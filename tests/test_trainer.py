@@ -248,7 +248,7 @@ def test_checkpoint_of_another_model_shape_is_refused(tmp_path, shared_data):
 def test_unwritable_workdir_is_refused(tmp_path, shared_data):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
-  with pytest.raises(CheckpointError, match="is not writable"):
+  with pytest.raises(CheckpointError, match="cannot be created: .*a_file is not a directory"):
     Trainer(tiny("", shared_data), str(blocker / "run"))
 
 
@@ -384,7 +384,7 @@ def test_branch_refuses_bad_input(tmp_path):
   assert (full / "notes.txt").read_text() == "keep me"
   with pytest.raises(branch.BranchError, match="must differ"):
     branch.branch(run, 2, run)
-  with pytest.raises(SystemExit, match="available"):
+  with pytest.raises(branch.BranchError, match="available"):
     branch.main(["--source", str(run), "--step", "7", "--dest", str(tmp_path / "c")])
   out = branch.branch(run, 2, tmp_path / "ok")
   assert (out / "checkpoints" / "2" / "commit_success.txt").is_file()
@@ -442,7 +442,8 @@ def test_a_rerun_of_a_finished_run_holds_its_final_params(tmp_path, shared_data)
   result = again.run()
   assert result["already_finished"] and result["global_step"] == 2
   final = jax.tree.map(np.asarray, nnx.state(again.model, nnx.Param))
-  moved = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(start)))
+  pairs = zip(jax.tree.leaves(trained), jax.tree.leaves(start), strict=True)
+  moved = max(np.abs(a - b).max() for a, b in pairs)
   assert moved > 0  # the run did train
   for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(final), strict=True):
     np.testing.assert_array_equal(a, b)

@@ -13,6 +13,7 @@ import pathlib
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -133,11 +134,29 @@ class Checkpointer:
     self.manager.close()
 
 
+def latest_complete_step(workdir: str) -> int | None:
+  """The newest complete checkpoint step of a workdir (local or gs://), read from the file
+  listing alone: no CheckpointManager, so no cross-process barrier (every process of a
+  multi-host run can call it at any time)."""
+  d = epath.Path(workdir) / "checkpoints"
+  if not d.is_dir():
+    return None
+  steps = [
+    int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists()
+  ]
+  return max(steps, default=None)
+
+
+def read_meta(step_dir) -> dict:
+  """The JSON `meta` item of a checkpoint step directory."""
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as c:
+    return c.restore(epath.Path(step_dir) / "meta")
+
+
 def model_config_of(step_dir: str | os.PathLike) -> ModelConfig:
   """The ModelConfig a trainer checkpoint step directory was written for (its meta)."""
   step_dir = pathlib.Path(step_dir).absolute()
-  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as c:
-    meta = c.restore(step_dir / "meta")
+  meta = read_meta(step_dir)
   if "model_config" not in meta:
     raise CheckpointError(f"{step_dir}/meta has no 'model_config': not a trainer checkpoint")
   d = dict(meta["model_config"])

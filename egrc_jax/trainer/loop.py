@@ -40,6 +40,8 @@ from egrc_jax.trainer.checkpoint import (
   check_model_shape,
   check_writable,
   json_model_config,
+  latest_complete_step,
+  read_meta,
   restore_params,
 )
 from egrc_jax.trainer.metrics import RUN_FINISHED, MetricsWriter, stage_begins
@@ -104,17 +106,11 @@ class Trainer:
 
   def _check_existing_run(self) -> None:
     """A workdir that holds checkpoints resumes only the same stage layout and model shape."""
-    ckpts = os.path.join(self.workdir, "checkpoints")
-    if "://" not in self.workdir and not os.path.isdir(ckpts):
+    latest = latest_complete_step(self.workdir)
+    if latest is None:
       return
-    probe = Checkpointer(self.workdir, self.config.checkpoint.keep)
-    try:
-      latest = probe.latest_step()
-      if latest is None:
-        return
-      meta = probe.restore_meta(latest)
-    finally:
-      probe.close()
+    ckpts = os.path.join(self.workdir, "checkpoints")
+    meta = read_meta(os.path.join(ckpts, str(latest)))
     names = [s.name for s in self.stages]
     if meta.get("stage_names") != names:
       raise CheckpointError(
