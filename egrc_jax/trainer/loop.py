@@ -73,7 +73,7 @@ class Trainer:
     self._ref_fn = jax.jit(reference_logprobs, static_argnums=(0, 4))
     self.train_data = setup.train_prompts(c, self.tokenizer)
     self.eval_data = setup.eval_prompts(c, self.tokenizer)
-    self.grader = setup.make_grader(c)
+    self.grader = setup.make_grader(c, self.tokenizer)
     self.connector_ids = diagnostics.connector_token_ids(self.tokenizer, c.log.connectors)
     self.ckpt = Checkpointer(workdir, c.checkpoint.keep)
     if jax.process_index() == 0:
