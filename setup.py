@@ -20,7 +20,10 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "tensorboardX==2.6.5",
     "pyarrow==26.0.1",
-    "array-record==0.8.6",  # TFDS array_record sources (imported directly by data.sources)
+    "array-record==0.8.6",  # array_record sources (JSON records; TFDS reads its own through it)
+    # TFDS sources, read without TensorFlow (array_record data sources); its own requirements
+    # (etils[epath,...], dm-tree, promise, immutabledict, tensorflow-metadata, ...) suffice.
+    "tensorflow-datasets==4.9.10",
     "tqdm==4.70.1",
 ]
 
