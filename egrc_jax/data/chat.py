@@ -13,6 +13,9 @@ encoded with the tokenizer's special tokens (so a BOS is added when the tokenize
 
 from __future__ import annotations
 
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 FALLBACK_TEMPLATE = "User: {user}\nAssistant:"
@@ -46,6 +49,25 @@ def render_prompt(
     )
   text = FALLBACK_TEMPLATE.format(user=user_message(problem, instruction))
   return f"System: {system_prompt}\n{text}" if system_prompt else text
+
+
+def opens_think(tokenizer) -> bool:
+  """Whether the chat template's generation prompt leaves a `<think>` block open.
+
+  R1-Distill's template ends the prompt with "<｜Assistant｜><think>\\n", so its responses
+  start inside the reasoning and never write `<think>` themselves; the grader must then read a
+  response without `</think>` as cut off (no answer part). Qwen3's default template does not
+  open the block (the model writes `<think>`), and with enable_thinking=False it writes an
+  empty, closed one. Decided by rendering a one-message prompt with add_generation_prompt=True
+  and checking that its last `<think>` comes after its last `</think>`. The plain fallback
+  template ("...Assistant:") opens nothing.
+  """
+  if not has_chat_template(tokenizer):
+    return False
+  text = tokenizer.apply_chat_template(
+    chat_messages("1 + 1 = ?", instruction=""), tokenize=False, add_generation_prompt=True
+  )
+  return text.rfind(THINK_OPEN) > text.rfind(THINK_CLOSE)
 
 
 def encode_prompt(

@@ -54,13 +54,28 @@ def last_boxed_content(text: str) -> str | None:
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# A number whose commas are all thousands separators: 1-3 leading digits, then groups of
+# exactly 3. "1,234" and "12,345,678.5" are numbers; "1,2", "0,5" and "1,2345" are not.
+_THOUSANDS_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 
 
 def clean_number(text: str) -> str:
-  """Plain numbers in canonical form: 27.0 -> 27, 025 -> 25, 1,234 -> 1234; others kept."""
-  s = text.strip().replace(",", "")
+  """Plain numbers in canonical form: 27.0 -> 27, 025 -> 25, 1,234 -> 1234; others kept.
+
+  Commas are removed only as true thousands separators: "1,2" and "0,5" stay as they are.
+  """
+  s = text.strip()
+  if _THOUSANDS_NUMBER.fullmatch(s):
+    s = s.replace(",", "")
+  return canonical_number(s)
+
+
+def canonical_number(text: str) -> str:
+  """A plain number (digits, optional sign and decimals, no commas) in canonical form:
+  27.0 -> 27, 025 -> 25, -0 -> 0; anything else is returned stripped, unchanged."""
+  s = text.strip()
   if not _NUMBER.fullmatch(s):
-    return text.strip()
+    return s
   neg, s = s.startswith("-"), s.lstrip("-")
   whole, _, frac = s.partition(".")
   whole = whole.lstrip("0") or "0"

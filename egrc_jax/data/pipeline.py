@@ -34,10 +34,10 @@ class DataConfig:
   """Prompt pipeline settings (docs/data.md documents each field)."""
 
   benchmark: str = "math_level5_train"  # named file under data_root (benchmarks.BENCHMARK_FILES)
-  source: str = ""  # if set, read this JSONL/Parquet/array_record dir/"hf:<name>" instead
+  source: str = ""  # if set, read this source instead (JSONL/Parquet/TFDS/array_record/"hf:")
   gold_rule: str = "math_train"  # gold_answer rule for `source` (ignored for named benchmarks)
-  kind: str = "auto"  # source format: auto | jsonl | parquet | array_record | hf
-  split: str = ""  # array_record/hf split ("" = all array_record files / hf "train")
+  kind: str = "auto"  # source format: auto | jsonl | parquet | tfds | array_record | hf
+  split: str = ""  # tfds/array_record/hf split ("" = tfds "train" / all array_record / hf "train")
   data_root: str = benchmarks.DEFAULT_DATA_ROOT  # folder holding benchmarks/ and train/
   batch_size: int = 8  # prompts per step over all processes
   max_prompt_tokens: int = 1024  # [T] longer prompts are dropped (and counted)

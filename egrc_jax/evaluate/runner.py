@@ -202,6 +202,7 @@ def _generate_all(cfg, todo: dict[str, list[dict]], samples_path, total: int) ->
   )
   tokenizer = model_io.load_tokenizer(src, cfg.tokenizer or None)
   scfg = cfg.sampling(chat.stop_ids(tokenizer, model_cfg), chat.pad_id(tokenizer))
+  think_open = chat.opens_think(tokenizer)  # R1-Distill: no </think> means no answer
   progress = _Progress(total)
   with GraderPool(cfg.grader_workers, cfg.grader_timeout_s, mode="math") as pool:
     for name, examples in todo.items():
@@ -225,7 +226,7 @@ def _generate_all(cfg, todo: dict[str, list[dict]], samples_path, total: int) ->
         for p, ex in enumerate(batch):
           ex["texts"] = texts[p * cfg.n : (p + 1) * cfg.n]
         golds = [ex["gold"] for ex in batch for _ in range(cfg.n)]
-        grades = pool.grade_details([extract_answer(t) for t in texts], golds)
+        grades = pool.grade_details([extract_answer(t, think_open) for t in texts], golds)
         records = row_records(rollout, tokenizer, batch, cfg.n, grades, cfg.save_token_entropy)
         if _is_writer():
           samples_io.append_samples(samples_path, records)

@@ -1,4 +1,4 @@
-"""Grading: final-answer extraction and math equivalence in a spawn process pool.
+"""Grading: final-answer extraction and math equivalence in a pool of worker processes.
 
 Never evaluates model text as code; every answer has a hard timeout. See docs/grading.md.
 """

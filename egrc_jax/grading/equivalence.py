@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 
-from egrc_jax.data.gold import clean_number, last_boxed_content
+from egrc_jax.data.gold import canonical_number, last_boxed_content
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,10 @@ _TEXT_WRAPPERS = re.compile(
 )
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°")
 _PERCENT = re.compile(r"\\?%|\\percent")
-_THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3})((?:,\d{3})+)(?![\d])")
+# A true thousands separator: a comma between a 1-3 digit head and groups of exactly 3 digits,
+# with no space after it, in a number that is not itself an item of a comma list ("5,1,234" and
+# "1,234,5" are lists; "1, 234" is a list, so this runs before spaces are removed).
+_THOUSANDS = re.compile(r"(?<![\d.])(?<!\d,)(\d{1,3})((?:,\d{3})+)(?!\d|,\d)")
 _LETTER_CHOICE = re.compile(r"^\(?([A-Za-z])\)?$")
 _UNIT_WORDS = re.compile(
   r"\s*\\(?:text|mbox|mathrm)\s*\{\s*(?:degrees?|cm|m|km|inches|inch|feet|foot|ft|units?|cents?|"
@@ -129,10 +132,10 @@ def normalize(text: str) -> str:
   s = _PERCENT.sub("", s)
   s = s.replace("\\$", "").replace("$", "")
   s = _VAR_ASSIGN.sub("", s)
-  s = re.sub(r"\s+", "", s).rstrip(".")
   s = _THOUSANDS.sub(lambda m: m.group(1) + m.group(2).replace(",", ""), s)
+  s = re.sub(r"\s+", "", s).rstrip(".")
   s = _BASE_SUBSCRIPT.sub(r"_\1", s)
-  s = clean_number(s)
+  s = canonical_number(s)  # commas left now separate list items: "1, 2, 3" is not 123
   choice = _LETTER_CHOICE.match(s)
   if choice:
     return choice.group(1).upper()

@@ -1,31 +1,43 @@
-"""A spawn-context process pool that grades answers with a hard per-answer timeout.
+"""A process pool that grades answers with a hard per-answer timeout.
 
-Each worker is a `spawn` process (never fork: the parent may hold JAX threads, and math-verify's
-signal.alarm needs a main thread) fed one answer at a time over its own pipe. The parent waits on
-all pipes and process sentinels at once; a worker that overruns `timeout_s` is SIGKILLed and
-replaced, one that dies is replaced, and the answer it held is graded wrong with status
-"timeout" / "crash" and logged. Messages are JSON bytes both ways: the parent never unpickles
-anything a worker (which handles hostile text) sends.
+Each worker is its own interpreter, `python -P -m egrc_jax.grading.worker` (never fork: the
+parent may hold JAX threads, and math-verify's signal.alarm needs a main thread; never
+`multiprocessing` spawn either: it re-imports the caller's `__main__`, which breaks a script
+that makes a pool at top level without a main guard). Each is fed one answer at a time over
+its stdin and replies on its stdout; its stderr is drained into a short buffer, so a worker
+that fails to start is reported with its own last words. The parent waits on every worker's
+pipes at once; a worker that overruns `timeout_s` is SIGKILLed and replaced, one that dies is
+replaced, and the answer it held is graded wrong with status "timeout" / "crash" and logged.
+Messages are length-framed JSON both ways (`frames.py`): the parent never unpickles anything
+a worker (which handles hostile text) sends, and refuses oversized replies.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import multiprocessing as mp
+import os
+import pathlib
+import site
+import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import Sequence
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 
-from egrc_jax.grading.equivalence import MAX_ANSWER_CHARS, exact_match, is_equivalent, normalize
+from egrc_jax.grading.equivalence import MAX_ANSWER_CHARS, exact_match, normalize
 from egrc_jax.grading.extract import extract_answer, to_text
+from egrc_jax.grading.frames import MAX_REPLY_BYTES, FrameReader, encode_frame, write_all
 
 logger = logging.getLogger(__name__)
 
 STATUSES = ("ok", "no_answer", "timeout", "crash", "error")
 MODES = ("math", "exact")
+STDERR_TAIL_BYTES = 4096  # kept per worker for the startup-failure message
+# The directory that holds the egrc_jax package this process runs: the workers must import the
+# same code, whatever the caller's working directory or PYTHONPATH.
+_PACKAGE_ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,36 +49,79 @@ class GradeResult:
   status: str
 
 
-def _worker_main(conn: Connection, verify_timeout_s: int, memory_mb: int) -> None:
-  """Worker loop: JSON [idx, pred, gold] in, JSON [idx, correct, error] out; null stops."""
-  import resource
+def worker_command(verify_timeout_s: int, memory_mb: int) -> list[str]:
+  """The command line of one grading worker (runnable by hand to debug a failing start)."""
+  return [
+    sys.executable, "-P", "-m", "egrc_jax.grading.worker", str(verify_timeout_s), str(memory_mb)
+  ]  # fmt: skip
 
-  limit = memory_mb * 2**20
-  resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # a runaway sympy raises MemoryError
-  is_equivalent("1", "\\frac{2}{2}", verify_timeout_s)  # warm the sympy/ANTLR imports
-  conn.send_bytes(b'"ready"')
-  while True:
-    task = json.loads(conn.recv_bytes())
-    if task is None:
-      return
-    idx, pred, gold = task
-    try:
-      conn.send_bytes(json.dumps([idx, is_equivalent(pred, gold, verify_timeout_s), None]).encode())
-    except Exception as e:  # noqa: BLE001 -- any failure is a wrong answer, never a dead pool
-      conn.send_bytes(json.dumps([idx, False, f"{type(e).__name__}: {e}"[:300]]).encode())
+
+def worker_env() -> dict[str, str]:
+  """The caller's environment, with this egrc_jax's root first on PYTHONPATH unless it is a
+  site directory (an installed package: putting site-packages ahead of the standard library
+  would let a backport shadow a stdlib module)."""
+  env = dict(os.environ)
+  site_dirs = {os.path.realpath(d) for d in (*site.getsitepackages(), site.getusersitepackages())}
+  paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+  root = os.path.realpath(_PACKAGE_ROOT)
+  if root not in site_dirs and (not paths or os.path.realpath(paths[0]) != root):
+    env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *paths])
+  return env
 
 
 @dataclasses.dataclass
 class _Worker:
-  proc: mp.process.BaseProcess
-  conn: Connection
+  proc: subprocess.Popen
+  deadline: float = 0.0
   ready: bool = False
   task: int | None = None  # index of the answer it is grading
-  deadline: float = 0.0
+  dead: bool = False  # its stdout reached EOF or sent garbage
+  stderr_open: bool = True
+  frames: FrameReader = dataclasses.field(default_factory=lambda: FrameReader(MAX_REPLY_BYTES))
+  stderr_tail: bytearray = dataclasses.field(default_factory=bytearray)
+
+  def send(self, obj) -> bool:
+    """Write one message; False when the worker is gone (broken pipe)."""
+    try:
+      write_all(self.proc.stdin.fileno(), encode_frame(obj))
+      return True
+    except (BrokenPipeError, OSError, ValueError):
+      return False
+
+  def handles(self) -> list:
+    return [self.proc.stdout] + ([self.proc.stderr] if self.stderr_open else [])
+
+  def drain_stderr(self) -> None:
+    data = os.read(self.proc.stderr.fileno(), 65536)
+    if not data:
+      self.stderr_open = False
+    self.stderr_tail += data
+    del self.stderr_tail[:-STDERR_TAIL_BYTES]
+
+  def read_replies(self) -> list:
+    """Messages now readable on stdout; marks the worker dead at EOF or on a bad frame."""
+    data = os.read(self.proc.stdout.fileno(), 65536)
+    if not data:
+      self.dead = True
+      return []
+    try:
+      return self.frames.feed(data)
+    except ValueError as e:
+      logger.warning("grader worker pid %d sent a bad reply (%s); killing it", self.proc.pid, e)
+      self.dead = True
+      return []
+
+  def stderr_text(self) -> str:
+    """The stderr tail, after reading what a dead worker wrote last (to EOF, at most 2 s)."""
+    deadline = time.monotonic() + 2.0
+    while self.stderr_open and time.monotonic() < deadline:
+      if wait([self.proc.stderr], timeout=0.5):
+        self.drain_stderr()
+    return self.stderr_tail.decode("utf-8", errors="replace").strip()
 
 
 class GraderPool:
-  """Grades (prediction, gold) pairs in `num_workers` spawn processes, `timeout_s` per answer.
+  """Grades (prediction, gold) pairs in `num_workers` worker processes, `timeout_s` per answer.
 
   mode="math": fast normalised-string match in the parent, else math-verify in a worker.
   mode="exact": normalised exact match only (integer answers, the toy task); no processes.
@@ -93,7 +148,6 @@ class GraderPool:
     # clean False; the hard kill is for what they cannot interrupt. Some real golds take ~1.1 s
     # to parse (an interval of pi^2 fractions), so these alarms must not be tighter than that.
     self._verify_timeout_s = max(1, round(timeout_s * 0.6))
-    self._ctx = mp.get_context("spawn")
     self._workers: list[_Worker] = []
     self._startup_failures = 0
     if mode == "math":
@@ -101,18 +155,32 @@ class GraderPool:
 
   # -- lifecycle ---------------------------------------------------------------------------------
   def _spawn(self) -> _Worker:
-    parent, child = self._ctx.Pipe(duplex=True)
-    args = (child, self._verify_timeout_s, self.worker_memory_mb)
-    proc = self._ctx.Process(target=_worker_main, args=args, daemon=True, name="egrc-grader")
-    proc.start()
-    child.close()
-    return _Worker(proc=proc, conn=parent, deadline=time.monotonic() + self.startup_timeout_s)
+    proc = subprocess.Popen(
+      worker_command(self._verify_timeout_s, self.worker_memory_mb),
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      bufsize=0,
+      env=worker_env(),
+      close_fds=True,
+      # Ctrl-C in a terminal reaches the parent only (no traceback from every worker); the
+      # workers stop when the pool closes, or at the end of stdin when the parent is gone.
+      start_new_session=True,
+    )
+    return _Worker(proc=proc, deadline=time.monotonic() + self.startup_timeout_s)
+
+  def _stop(self, w: _Worker) -> None:
+    if w.proc.poll() is None:
+      w.proc.kill()
+    try:
+      w.proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+      logger.warning("grader worker pid %d did not exit after SIGKILL", w.proc.pid)
+    for f in (w.proc.stdin, w.proc.stdout, w.proc.stderr):
+      f.close()
 
   def _replace(self, w: _Worker) -> _Worker:
-    if w.proc.is_alive():
-      w.proc.kill()
-    w.proc.join(timeout=5)
-    w.conn.close()
+    self._stop(w)
     new = self._spawn()
     self._workers[self._workers.index(w)] = new
     return new
@@ -122,16 +190,14 @@ class GraderPool:
 
   def close(self) -> None:
     for w in self._workers:
-      try:
-        w.conn.send_bytes(b"null")
-      except (OSError, ValueError):
-        pass
+      w.send(None)
+    deadline = time.monotonic() + 1.0
     for w in self._workers:
-      w.proc.join(timeout=1)
-      if w.proc.is_alive():
-        w.proc.kill()
-        w.proc.join(timeout=5)
-      w.conn.close()
+      try:
+        w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        pass
+      self._stop(w)
     self._workers = []
 
   def __enter__(self) -> GraderPool:
@@ -157,7 +223,9 @@ class GraderPool:
         results[i] = GradeResult(p, False, "no_answer")
       elif self.mode == "exact":
         results[i] = GradeResult(p, exact_match(p, g), "ok")
-      elif len(p) <= MAX_ANSWER_CHARS and normalize(p) == normalize(g):
+      elif len(p) > MAX_ANSWER_CHARS:
+        results[i] = GradeResult(p, False, "ok")  # is_equivalent refuses it: no IPC
+      elif normalize(p) == normalize(g):
         results[i] = GradeResult(p, True, "ok")  # fast path: no IPC, no sympy
       else:
         todo.append(i)
@@ -169,49 +237,57 @@ class GraderPool:
     crashed: set[int] = set()
     while todo or any(w.task is not None for w in self._workers):
       for w in list(self._workers):
-        if w.task is None and w.ready and not w.proc.is_alive():
+        if w.ready and w.task is None and w.proc.poll() is not None:
           logger.warning("idle grader worker pid %d died; replacing it", w.proc.pid)
           w = self._replace(w)
         if w.ready and w.task is None and todo:
           i = todo.popleft()
-          w.conn.send_bytes(json.dumps([i, preds[i], golds[i]]).encode())
           w.task, w.deadline = i, time.monotonic() + self.timeout_s
+          w.dead = not w.send([i, preds[i], golds[i]])
       waiting = [w for w in self._workers if w.task is not None or not w.ready]
       timeout = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
-      handles = [h for w in waiting for h in (w.conn, w.proc.sentinel)]
-      fired = set(wait(handles, timeout=timeout))
-      for w in list(waiting):
-        if w.conn in fired:
-          try:
-            msg = json.loads(w.conn.recv_bytes())
-          except (EOFError, OSError):
-            msg = None  # died mid-reply: the sentinel branch below handles it
-          if msg == "ready":
+      if any(w.dead for w in waiting):
+        timeout = 0.0
+      fired = set(wait([h for w in waiting for h in w.handles()], timeout=timeout))
+      for w in waiting:
+        if w.proc.stderr in fired:
+          w.drain_stderr()
+        for msg in w.read_replies() if w.proc.stdout in fired else []:
+          if msg == "ready" and not w.ready:
             w.ready, self._startup_failures = True, 0
-            continue
-          if isinstance(msg, list):
+          elif self._is_reply(msg, w):
             i, ok, err = msg
-            if i == w.task:
-              if err is not None:
-                logger.warning("grading answer %d raised %s", i, err)
-              results[i] = GradeResult(preds[i], bool(ok), "ok" if err is None else "error")
-              w.task = None
-              continue
-        if w.proc.sentinel in fired or not w.proc.is_alive():
+            if err is not None:
+              logger.warning("grading answer %d raised %s", i, err)
+            results[i] = GradeResult(preds[i], bool(ok), "ok" if err is None else "error")
+            w.task = None
+          else:
+            logger.warning("grader worker pid %d sent %.80r; killing it", w.proc.pid, msg)
+            w.dead = True
+        if w.dead:
           self._fail(w, results, preds, "crash", todo, crashed)
-        elif time.monotonic() >= w.deadline:
+        elif (w.task is not None or not w.ready) and time.monotonic() >= w.deadline:
           self._fail(w, results, preds, "timeout" if w.ready else "startup", todo, crashed)
+
+  @staticmethod
+  def _is_reply(msg, w: _Worker) -> bool:
+    """[idx, correct, error] for the answer this worker holds, with the right types."""
+    return (
+      isinstance(msg, list)
+      and len(msg) == 3
+      and w.task is not None
+      and msg[0] == w.task
+      and isinstance(msg[1], bool)
+      and (msg[2] is None or isinstance(msg[2], str))
+    )
 
   def _fail(self, w: _Worker, results, preds, status: str, todo, crashed: set[int]) -> None:
     if not w.ready:
       self._startup_failures += 1
+      if self._startup_failures >= 3:
+        self._raise_startup_failure(w, status)
       self._replace(w)
-      if self._startup_failures < 3:
-        return
-      raise RuntimeError(
-        f"grader worker pid {w.proc.pid} failed to start ({status}, exit code "
-        f"{w.proc.exitcode}); check that `python -c 'import math_verify'` works"
-      )
+      return
     if w.task is not None and status == "crash" and w.task not in crashed:
       # A worker can die for reasons of its own (killed from outside, memory pressure): give the
       # answer one more try on a fresh worker; a second crash on it counts it wrong.
@@ -227,12 +303,35 @@ class GraderPool:
       results[i] = GradeResult(preds[i], False, status)
     self._replace(w)
 
+  def _raise_startup_failure(self, w: _Worker, status: str) -> None:
+    if w.proc.poll() is None:
+      w.proc.kill()  # first, so that its stderr ends and can be read to the end
+    tail = w.stderr_text() or "(nothing on stderr)"
+    self._stop(w)
+    what = (
+      f"did not say it was ready within startup_timeout_s={self.startup_timeout_s}s"
+      if status == "startup"
+      else f"exited with code {w.proc.returncode} before it was ready"
+    )
+    cmd = " ".join(worker_command(self._verify_timeout_s, self.worker_memory_mb))
+    path = worker_env().get("PYTHONPATH")
+    cmd = f"PYTHONPATH={path} {cmd}" if path else cmd
+    raise RuntimeError(
+      f"grader worker pid {w.proc.pid} failed to start, 3 times in a row: it {what}. "
+      f"Its stderr ended with:\n{tail}\n"
+      f"Run the worker by hand to see more: {cmd}"
+    )
+
 
 def grade_responses(
-  responses: Sequence[str | bytes | None], golds: Sequence[str], pool: GraderPool
+  responses: Sequence[str | bytes | None],
+  golds: Sequence[str],
+  pool: GraderPool,
+  think_open: bool = False,
 ) -> list[GradeResult]:
-  """Extract each response's final answer (`extract_answer`) and grade it against its gold."""
-  return pool.grade_details([extract_answer(r) for r in responses], golds)
+  """Extract each response's final answer (`extract_answer`, with `think_open`: the prompt
+  opened a think block) and grade it against its gold."""
+  return pool.grade_details([extract_answer(r, think_open) for r in responses], golds)
 
 
 def exact_match_grade(preds: Sequence[str | None], golds: Sequence[str]) -> list[bool]:

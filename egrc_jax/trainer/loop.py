@@ -101,7 +101,7 @@ class Trainer:
         f.write(c.to_json(indent=1))
     total = sum(s.steps for s in self.stages)
     self.writer = MetricsWriter(workdir, total, c.log.tensorboard)
-    self.grader = setup.make_grader(c)
+    self.grader = setup.make_grader(c, self.tokenizer)
     self._stop = self._sigterm = False
 
   def _check_existing_run(self) -> None:

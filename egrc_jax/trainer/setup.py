@@ -157,22 +157,26 @@ def eval_prompts(c, tokenizer) -> PromptSet | None:
 
 
 class Grader:
-  """Response texts -> correctness, by extracting the final answer and grading it."""
+  """Response texts -> correctness, by extracting the final answer and grading it.
 
-  def __init__(self, c):
+  think_open: the prompts end inside a think block (`chat.opens_think`), so a response
+  without `</think>` has no answer."""
+
+  def __init__(self, c, think_open: bool = False):
+    self.think_open = think_open
     self.pool = GraderPool(
       num_workers=c.grading.workers, timeout_s=c.grading.timeout_s, mode=c.grading.mode
     )
 
   def grade(self, texts: list[str], golds: list[str]) -> list[bool]:
-    return self.pool.grade([extract_answer(t) for t in texts], golds)
+    return self.pool.grade([extract_answer(t, self.think_open) for t in texts], golds)
 
   def close(self):
     self.pool.close()
 
 
-def make_grader(c) -> Grader:
-  return Grader(c)
+def make_grader(c, tokenizer) -> Grader:
+  return Grader(c, think_open=chat.opens_think(tokenizer))
 
 
 BYTE_TOKENIZER = "bytes"  # model.tokenizer_path value for the built-in byte-level tokenizer
