@@ -190,9 +190,12 @@ def test_tokenizer_round_trip_and_auto_load(splits, tokenizer):
 def test_is_correct():
   assert is_correct("</think> \\boxed{12}", 12)
   assert is_correct("\\boxed{3} </think> \\boxed{-4}", -4)
-  assert not is_correct("\\boxed{12}", 13)
-  assert not is_correct("no box", 1)
-  assert not is_correct("\\boxed{1+1}", 2)  # never evaluated
+  assert not is_correct("</think> \\boxed{12}", 13)
+  assert not is_correct("</think> no box", 1)
+  assert not is_correct("</think> \\boxed{1+1}", 2)  # never evaluated
+  # Cut off in its reasoning (the prompt opened <think>): a box there is no final answer,
+  # as the trainer grades it.
+  assert not is_correct("7 + 5 = 12 . \\boxed{12}", 12)
 
 
 def test_data_cli_writes_jsonl(tmp_path):

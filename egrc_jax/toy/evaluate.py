@@ -1,6 +1,7 @@
 """Accuracy and length of a toy model on held-out problems.
 
-A response is correct when the content of its last \\boxed{} is exactly the integer answer.
+A response is correct when its final answer (the last \\boxed{} after </think>, as the
+trainer grades it) is exactly the integer answer.
 Lengths count generated tokens including the closing <eos> (a truncated response counts its
 max_new_tokens and is wrong unless it boxed the right answer before the limit).
 """
@@ -9,15 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from egrc_jax.data.gold import last_boxed_content
+from egrc_jax.grading import extract_answer
 from egrc_jax.sampler import SamplingConfig, completion_lists, generate
 from egrc_jax.toy import task as task_lib
 from egrc_jax.toy import tokenizer as tok_lib
 
 
 def is_correct(text: str, answer: int) -> bool:
-  """Exact integer match of the last boxed content (never evaluates the text)."""
-  boxed = last_boxed_content(text)
+  """Exact integer match of the final answer, extracted as the trainer's grader does: the
+  last box after `</think>` (the toy prompt opens the think block, so a response that never
+  closes it has no answer). Never evaluates the text."""
+  boxed = extract_answer(text, think_open=True)
   if boxed is None:
     return False
   boxed = boxed.strip()
