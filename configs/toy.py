@@ -1,19 +1,27 @@
 """The miniature EGRC reproduction on the synthetic arithmetic task (docs/toy.md).
 
-  python -m egrc_jax.toy.pipeline --workdir=runs/toy          # SFT, arms, report (main job)
-  python -m egrc_jax.main --config=configs/toy.py:model.hf_path=runs/toy/sft/model,\\
-      data.train_source=runs/toy/data/train.jsonl,data.eval_source=runs/toy/data/test.jsonl \\
-      --workdir=runs/toy/egrc                                   # one arm by hand
+  python -m egrc_jax.toy.pipeline --workdir=runs/toy            # SFT, arms, report (main job)
+  python -m egrc_jax.toy.pipeline --config=configs/toy.py:quick --workdir=/tmp/toy_quick
+  python -m egrc_jax.main --config=configs/toy.py:model.hf_path=runs/toy/seed0/sft,\\
+      data.train_source=runs/toy/seed0/data/train.jsonl,\\
+      data.eval_source=runs/toy/seed0/data/test.jsonl --workdir=runs/toy/egrc_by_hand
 
-The SFT warm start (egrc_jax.toy.sft) writes the starting policy as an HF directory with
-the toy tokenizer; the pipeline fills model.hf_path and the data paths.
+One config for every toy command: the trainer's keys (the RL arms), plus the sections sft
+(the warm start), task and cot (the problems and their verbose solutions) and pipeline
+(seeds, the report's extras), each declared by its dataclass (egrc_jax/toy/plan.py); the
+`eval` section is the evaluation of every model and the exported generation config.
+Presets, named first in the arg: `quick` (the test's shortened pipeline). The pipeline fills
+model.hf_path and the data paths of each arm.
 """
 
-from egrc_jax.toy.task import CONNECTORS
-from egrc_jax.trainer.config import base_config, finalize
+from egrc_jax.toy.plan import PRESETS, PipelineConfig
+from egrc_jax.toy.sft import SftConfig
+from egrc_jax.toy.task import CONNECTORS, CotConfig, TaskConfig
+from egrc_jax.trainer.config import base_config, dataclass_section, finalize, split_presets
 
 
 def get_config(arg: str | None = None):
+  presets, overrides = split_presets(arg, PRESETS)
   c = base_config()
   c.model.hf_path = ""  # the SFT model (set by the pipeline or on the command line)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
@@ -42,9 +50,19 @@ def get_config(arg: str | None = None):
   c.optim.warmup_steps = 2
   c.optim.weight_decay = 0.0
   c.checkpoint.every = 20
-  c.eval.num_prompts = 500
+  # The evaluation of every model (the pipeline's table, SFT's, the trainer's stage ends) and
+  # the exported generation config: the paper's temperature, one sample per problem.
+  c.eval.num_prompts = 500  # held-out test problems (also the size of the test split)
   c.eval.temperature = 0.6
   c.eval.top_p = 1.0
+  c.eval.max_new_tokens = 448  # the same budget for every model (prompt <= 32 + 448 <= 512)
   c.log.tensorboard = False
   c.log.connectors = CONNECTORS  # the toy's connector words, as its evaluation counts them
-  return finalize(c, arg)
+  # The toy's own sections (keys and comments: the dataclasses in egrc_jax/toy).
+  c.sft = dataclass_section(SftConfig())
+  c.task = dataclass_section(TaskConfig())
+  c.cot = dataclass_section(CotConfig())
+  c.pipeline = dataclass_section(PipelineConfig())
+  for name in presets:
+    PRESETS[name](c)
+  return finalize(c, overrides)

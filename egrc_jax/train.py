@@ -55,9 +55,10 @@ class Batch:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
+  """AdamW and its per-stage schedule (warmup, then cosine over the stage's steps)."""
+
   lr: float
   warmup_steps: int
-  total_steps: int
   min_lr_ratio: float = 0.1
   weight_decay: float = 0.0
   b1: float = 0.9
@@ -65,15 +66,15 @@ class OptimConfig:
   clip_norm: float = 1.0
 
 
-def lr_schedule(cfg: OptimConfig) -> Callable[[int], float]:
+def lr_schedule(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
   """lr_t = lr (t+1)/W for t < W (linear warmup that never applies lr 0), then cosine from
-  lr to lr * min_lr_ratio over the remaining total_steps - W steps."""
+  lr to lr * min_lr_ratio over the remaining total_steps - W steps (t counts RL steps)."""
 
   def lr_at(step: int) -> float:
     warmup = max(cfg.warmup_steps, 0)
     if step < warmup:
       return cfg.lr * (step + 1) / warmup
-    progress = min(max((step - warmup) / max(cfg.total_steps - warmup, 1), 0.0), 1.0)
+    progress = min(max((step - warmup) / max(total_steps - warmup, 1), 0.0), 1.0)
     ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return cfg.lr * ratio
 
@@ -252,10 +253,10 @@ class _UnderMesh:
       return self.fn.lower(*args)
 
 
-def init_state_sharded(model: Transformer, tx, mesh: Mesh | None):
-  """(TrainState, its shardings): optimizer moments laid out like their params, the
+def init_state_sharded(params: nnx.State, tx, mesh: Mesh | None):
+  """(TrainState, its shardings) with fresh optimizer state for `params` (an nnx.State of
+  Params, already on the mesh): optimizer moments laid out like their params, the
   optimizer's scalars (counts) and the step replicated."""
-  params = nnx.state(model, nnx.Param)
   if mesh is None:
     return TrainState(params, jax.jit(tx.init)(params), jnp.zeros((), jnp.int32)), None
   rep = NamedSharding(mesh, P())

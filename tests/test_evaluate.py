@@ -150,7 +150,7 @@ def trainer_workdir(tiny_model, tmp_path_factory):
   """A trainer-shaped workdir: checkpoints/<step>/{state, meta} and config.json."""
   wd = tmp_path_factory.mktemp("run")
   cfg, model = model_io.load(tiny_model)[1:]
-  state, _ = train.init_state_sharded(model, optax.adamw(1e-3), None)
+  state, _ = train.init_state_sharded(nnx.state(model, nnx.Param), optax.adamw(1e-3), None)
   ck = Checkpointer(str(wd), keep=2)
   for step in (2, 5):
     ck.save(step, state, {"model_config": json_model_config(cfg)})

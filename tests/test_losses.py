@@ -4,6 +4,7 @@ Default tolerance: 1e-6 for closed-form float32 arithmetic on O(1) values (a few
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -356,7 +357,7 @@ def test_logit_grad_norm_equals_autodiff(off_policy):
     assert bool(clip.any_BT.any()) and bool((got[clip.any_BT] == 0).all())
 
 
-# -- LossConfig and policy_loss ---------------------------------------------------------------
+# -- LossConfig and the loss composition ------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -394,17 +395,22 @@ def batch():
   return dict(logp=logp, old=old, ref=ref, ent=ent, adv=adv, mask=mask)
 
 
-# One compilation per config instead of one per primitive (eager), to keep the file fast.
-_policy_loss = jax.jit(L.policy_loss, static_argnums=5)
+# The production composition (the train step's): weights and selection for the whole batch,
+# then sum w * l. One compilation per config instead of one per primitive (eager).
+@functools.partial(jax.jit, static_argnums=(1,))
+def _loss_jit(b, cfg, sample):
+  weight, select = L.loss_weights(b["mask"], sample, b["ent"], cfg)
+  adv = jnp.broadcast_to(b["adv"][:, None], b["logp"].shape)
+  loss, sums = L.batch_loss(b["logp"], b["ent"], b["old"], b["ref"], adv, weight, select, cfg)
+  total = jnp.sum(weight)
+  return loss, {k: v / jnp.where(total > 0, total, 1.0) for k, v in sums.items()}
 
 
-def _loss(b, cfg, **kw):
-  return _policy_loss(
-    b["logp"], b["ent"], b["old"], b["adv"], b["mask"], cfg, ref_logp_BT=b["ref"], **kw
-  )
+def _loss(b, cfg, sample=None):
+  return _loss_jit(b, cfg, sample)
 
 
-def test_policy_loss_composes_the_parts(batch):
+def test_batch_loss_composes_the_parts(batch):
   b = batch
   cfg = L.LossConfig(eps_high=0.28, kl_kind="k3", kl_coef=0.1, entropy_coef=0.01)
   loss, metrics = _loss(b, cfg)
@@ -416,32 +422,32 @@ def test_policy_loss_composes_the_parts(batch):
     - L.entropy_bonus(b["ent"], b["mask"], 0.01)
   )
   close(loss, want)
+  # token-mean weights are uniform over the valid tokens: the loss-weighted means are the
+  # plain masked means.
   close(metrics["clip_frac"], L.clip_fractions(clip, b["mask"])["clip_frac"])
   close(metrics["approx_kl"], L.approx_kl(b["logp"], b["old"], b["mask"]))
-  # [B] advantages and the same advantages broadcast to [B, T] give the same loss.
-  close(
-    L.policy_loss(b["logp"], b["ent"], b["old"], adv, b["mask"], cfg, ref_logp_BT=b["ref"])[0], loss
-  )
+  assert set(metrics) == set(L.TOKEN_STAT_NAMES)
+  # The KL term needs reference logprobs.
+  w, s = L.loss_weights(b["mask"], None, b["ent"], cfg)
   with pytest.raises(ValueError, match="needs ref_logp_BT"):
-    L.policy_loss(b["logp"], b["ent"], b["old"], b["adv"], b["mask"], cfg)
+    L.batch_loss(b["logp"], b["ent"], b["old"], None, adv, w, s, cfg)
 
 
-def test_policy_loss_restrict_and_reweight(batch):
+def test_batch_loss_restrict_and_reweight(batch):
   b = batch
   high = L.high_entropy_mask(b["ent"], b["mask"], 0.25)
   adv = jnp.broadcast_to(b["adv"][:, None], b["logp"].shape)
   pg, _ = L.ppo_clip_objective(b["logp"], b["old"], adv, 0.2, 0.2)
   w = L.aggregation_weights(b["mask"], "token-mean")
   # restrict: only high tokens in the numerator, every valid token in the denominator.
-  got, m = _loss(b, L.LossConfig(entropy_select="restrict", rho=0.25))
+  got, _ = _loss(b, L.LossConfig(entropy_select="restrict", rho=0.25))
   close(got, jnp.sum(jnp.where(high, pg, 0.0) * w))
-  close(m["high_entropy_frac"], high.sum() / b["mask"].sum())
   got, _ = _loss(b, L.LossConfig(entropy_select="reweight", rho=0.25, high_entropy_weight=3.0))
   close(got, jnp.sum(jnp.where(high, 3.0, 1.0) * pg * w))
 
 
 @pytest.mark.parametrize("mode", L.AGG_MODES)
-def test_policy_loss_ignores_padding(batch, mode):
+def test_batch_loss_ignores_padding(batch, mode):
   b = batch
   cfg = L.LossConfig(
     agg_mode=mode,
@@ -463,13 +469,14 @@ def test_policy_loss_ignores_padding(batch, mode):
   l0, m0 = _loss(b, cfg)
   l1, m1 = _loss(padded, cfg)
   close(l1, l0)
-  for k in ("pg_loss", "kl", "entropy", "clip_frac", "high_entropy_frac"):
+  for k in L.TOKEN_STAT_NAMES:
     close(m1[k], m0[k])
 
 
 def test_positive_only_gradient_exactly_zero_on_excluded_rows(batch):
   b = batch
   sample = jnp.array([True, False, True, False])
+  adv = jnp.broadcast_to(b["adv"][:, None], b["logp"].shape)
   for exclude in (True, False):
     cfg = L.LossConfig(
       kl_kind="k3",
@@ -478,11 +485,10 @@ def test_positive_only_gradient_exactly_zero_on_excluded_rows(batch):
       entropy_select="reweight",
       exclude_masked_from_denominator=exclude,
     )
+    w, s = L.loss_weights(b["mask"], sample, b["ent"], cfg)
 
-    def f(logp, ent, cfg=cfg):
-      return L.policy_loss(
-        logp, ent, b["old"], b["adv"], b["mask"], cfg, ref_logp_BT=b["ref"], sample_mask_B=sample
-      )[0]
+    def f(logp, ent, cfg=cfg, w=w, s=s):
+      return L.batch_loss(logp, ent, b["old"], b["ref"], adv, w, s, cfg)[0]
 
     g_lp, g_ent = jax.grad(f, (0, 1))(b["logp"], b["ent"])
     for g in (g_lp, g_ent):
@@ -490,43 +496,22 @@ def test_positive_only_gradient_exactly_zero_on_excluded_rows(batch):
       assert np.any(np.asarray(g)[np.asarray(sample)] != 0.0)
   # Counting excluded rows' tokens in the denominator (token-mean): included rows 0 and 2
   # have 6 + 4 = 10 tokens, all rows 6 + 3 + 4 + 1 = 14, so the loss scales by 10/14.
-  l_ex = _loss(b, L.LossConfig(), sample_mask_B=sample)[0]
-  l_in = _loss(b, L.LossConfig(exclude_masked_from_denominator=False), sample_mask_B=sample)[0]
+  l_ex = _loss(b, L.LossConfig(), sample)[0]
+  l_in = _loss(b, L.LossConfig(exclude_masked_from_denominator=False), sample)[0]
   close(l_in, l_ex * 10 / 14)
 
 
-def test_policy_loss_entropy_gradient_diagnostics(head):
-  h, w, t = head
-  stats = L.token_stats(h, w, t, 1.0, 16)
-  adv = jnp.array([1.0, -0.5])
-  mask = jnp.ones(t.shape, bool)
-  _, m = L.policy_loss(
-    stats.logp_BT,
-    stats.entropy_BT,
-    stats.logp_BT,
-    adv,
-    mask,
-    L.LossConfig(),
-    sum_p2_BT=stats.sum_p2_BT,
-  )
-  g = L.logit_grad_norm(
-    jnp.broadcast_to(adv[:, None], t.shape),
-    stats.logp_BT,
-    stats.sum_p2_BT,
-    jnp.zeros(t.shape, bool),
-  )
-  close(m["entropy_grad_corr"], L.pearson_corr(g, stats.entropy_BT, mask))
-  close(m["logit_grad_norm"], g.mean())
-  assert 0.0 <= float(m["high_entropy_grad_share"]) <= 1.0
-
-
-def test_token_loss_weights_reproduce_policy_loss(batch):
-  # The train step's micro-batch form: sum(w * token_loss) == policy_loss.
+def test_batch_loss_is_the_sum_over_micro_batches(batch):
+  # The train step's form: weights for the whole batch, then sum(w * l) per micro-batch.
   b = batch
   cfg = L.LossConfig(agg_mode="seq-mean-token-mean", kl_kind="k1", kl_coef=0.2, entropy_coef=0.1)
   cfg = dataclasses.replace(cfg, entropy_select="restrict")
-  sel = L.selection_factor("restrict", b["ent"], b["mask"], cfg.rho, cfg.high_entropy_weight)
-  tok, stats = L.token_loss(b["logp"], b["ent"], b["old"], b["ref"], b["adv"], cfg, sel)
-  assert set(stats) == set(L.TOKEN_STAT_NAMES)
-  w = L.aggregation_weights(b["mask"], cfg.agg_mode)
-  close(L.weighted_sum(tok, w), _loss(b, cfg)[0])
+  w, s = L.loss_weights(b["mask"], None, b["ent"], cfg)
+  adv = jnp.broadcast_to(b["adv"][:, None], b["logp"].shape)
+  whole, _ = L.batch_loss(b["logp"], b["ent"], b["old"], b["ref"], adv, w, s, cfg)
+  parts = [
+    L.batch_loss(*(x[i : i + 2] for x in (b["logp"], b["ent"], b["old"], b["ref"], adv, w, s)), cfg)
+    for i in (0, 2)
+  ]
+  close(parts[0][0] + parts[1][0], whole)
+  close(whole, _loss(b, cfg)[0])

@@ -1,8 +1,9 @@
-"""The toy reproduction pipeline end to end (--quick: tiny SFT, 2 RL steps per stage, 50 test
-problems), so a regression in any phase breaks the suite; and its report's rules."""
+"""The toy reproduction pipeline end to end (the `quick` preset: tiny SFT, 2 RL steps per
+stage, 50 test problems), so a regression in any phase breaks the suite; and its report's rules."""
 
 import json
 import math
+import pathlib
 import re
 
 import numpy as np
@@ -11,11 +12,13 @@ import pytest
 from egrc_jax.toy import pipeline, report
 from egrc_jax.toy import task as T
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("toy")
-  rep = pipeline.main(["--workdir", str(workdir), "--quick"])
+  rep = pipeline.main(["--workdir", str(workdir), f"--config={ROOT}/configs/toy.py:quick"])
   return workdir, rep
 
 
@@ -29,7 +32,7 @@ def test_quick_pipeline_writes_the_report(quick_run):
     for key in ("accuracy", "mean_length", "length_ratio"):
       assert math.isfinite(row[key]["mean"]), (name, key, row[key])
     assert 0 <= row["accuracy"]["mean"] <= 1
-    assert 1 <= row["mean_length"]["mean"] <= pipeline.QUICK_MAX_NEW_TOKENS
+    assert 1 <= row["mean_length"]["mean"] <= rep["settings"]["eval_max_new_tokens"] == 64
     # The Markdown table has the row with three numbers.
     assert re.search(rf"^\| {re.escape(label)} \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", md, re.M), label
   assert rep["table"]["sft"]["length_ratio"]["mean"] == 1.0
@@ -76,21 +79,18 @@ def test_hf_export_check_ran_and_matches(quick_run):
   assert check["all_match"], [(r["text_ours"], r["text_transformers"]) for r in check["records"]]
 
 
-def test_cli_flags_reach_the_pipeline_config():
-  def config(*flags):
-    return pipeline.config_from_args(pipeline.build_parser().parse_args(["--workdir=x", *flags]))
+def test_cli_flags_reach_the_pipeline_plan():
+  def plan(*flags):
+    return pipeline.plan_from_args(pipeline.build_parser().parse_args(["--workdir=x", *flags]))
 
-  assert config().eval_max_new_tokens == 448 and config("--quick").eval_max_new_tokens == 64
-  assert config("--eval_max_new_tokens=448").eval_max_new_tokens == 448
-  cfg = config("--cot=check_style=careful,recheck_prob=0.8", "--sft_steps=900")
-  assert cfg.sft.cot == T.CotConfig(check_style="careful", recheck_prob=0.8)
-  assert cfg.sft.steps == 900
-  # --quick's own re-check rate stays unless --cot sets it.
-  assert config("--quick", "--cot=check_style=careful").sft.cot.recheck_prob == 0.3
-  with pytest.raises(ValueError, match="eval_max_new_tokens=-1"):
-    config("--eval_max_new_tokens=-1")
-  with pytest.raises(ValueError, match="expected key=value"):
-    config("--cot=recheck=0.5")
+  assert plan().eval_max_new_tokens == 448 and plan().seeds == (0,)
+  assert plan(f"--config={ROOT}/configs/toy.py:quick").eval_max_new_tokens == 64
+  p = plan(f"--config={ROOT}/configs/toy.py:cot.recheck_prob=0.75,sft.steps=900", "--seeds=0,1,2")
+  assert p.cot == T.CotConfig(recheck_prob=0.75) and p.sft.steps == 900 and p.seeds == (0, 1, 2)
+  with pytest.raises(ValueError, match="section 'eval': max_new_tokens=-1"):
+    plan(f"--config={ROOT}/configs/toy.py:eval.max_new_tokens=-1")
+  with pytest.raises(ValueError, match="--seeds='a'"):
+    plan("--seeds=a")
 
 
 def test_parse_problem_round_trips():

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import pathlib
 import re
 
 import numpy as np
@@ -15,6 +16,8 @@ from egrc_jax.toy import task as T
 from egrc_jax.toy import tokenizer as tok_lib
 from egrc_jax.toy.checkpoint import load_sft, save_sft
 from egrc_jax.toy.evaluate import evaluate, is_correct
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -141,20 +144,27 @@ def test_careful_checks_are_true_and_catch_every_slip(splits):
   assert slips > 50
 
 
-def test_cot_overrides():
-  cfg = T.cot_from_overrides("check_style=careful, recheck_prob=0.8,max_rechecks=10")
-  assert cfg == T.CotConfig(check_style="careful", recheck_prob=0.8, max_rechecks=10)
-  assert T.cot_from_overrides("") == T.CotConfig()
-  base = T.CotConfig(recheck_prob=0.3)
-  assert T.cot_from_overrides("slip_prob=0.2", base) == T.CotConfig(recheck_prob=0.3, slip_prob=0.2)
-  with pytest.raises(ValueError, match="expected key=value with key one of"):
-    T.cot_from_overrides("recheck=0.5")
-  with pytest.raises(ValueError, match="not a valid int"):
-    T.cot_from_overrides("max_rechecks=2.5")
-  with pytest.raises(ValueError, match="check_style"):
-    T.cot_from_overrides("check_style=loud")
-  with pytest.raises(ValueError, match="recheck_prob"):
-    T.cot_from_overrides("recheck_prob=1.5")
+def test_toy_config_sections_reach_the_plan():
+  # Every toy setting is a key of configs/toy.py; its sections build the typed plan.
+  from egrc_jax.toy.plan import toy_plan
+  from egrc_jax.trainer.config import load_config_spec
+
+  plan = toy_plan(load_config_spec(
+    f"{ROOT}/configs/toy.py:cot.check_style=restate,cot.recheck_prob=0.3,sft.steps=900,"
+    "task.max_ops=4,eval.max_new_tokens=100,pipeline.seeds=0+1+2"
+  ))  # fmt: skip
+  assert plan.cot == T.CotConfig(check_style="restate", recheck_prob=0.3)
+  assert plan.sft.steps == 900 and plan.task.max_ops == 4 and plan.seeds == (0, 1, 2)
+  assert plan.eval_max_new_tokens == 100 and plan.num_test == 500
+  quick = toy_plan(load_config_spec(f"{ROOT}/configs/toy.py:quick,cot.max_rechecks=2"))
+  assert quick.cot.recheck_prob == 0.3 and quick.cot.max_rechecks == 2  # preset, then keys
+  assert quick.num_test == 50 and quick.config.compress.steps == 2
+  with pytest.raises(ValueError, match="config section 'cot': .*recheck_prob=1.5"):
+    toy_plan(load_config_spec(f"{ROOT}/configs/toy.py:cot.recheck_prob=1.5"))
+  with pytest.raises(KeyError, match="unknown config key 'cot.recheck'"):
+    load_config_spec(f"{ROOT}/configs/toy.py:cot.recheck=0.5")
+  with pytest.raises(ValueError, match="config preset 'quik' is unknown"):
+    load_config_spec(f"{ROOT}/configs/toy.py:quik")
 
 
 def test_config_validation():
@@ -199,7 +209,8 @@ def test_is_correct():
 
 
 def test_data_cli_writes_jsonl(tmp_path):
-  data_lib.main(["--out", str(tmp_path), "--num_train", "50", "--num_test", "20"])
+  data_lib.main(["--out", str(tmp_path), "--config",
+                 f"{ROOT}/configs/toy.py:sft.num_train=50,eval.num_prompts=20"])  # fmt: skip
   rows = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
   assert len(rows) == 20 and set(rows[0]) == {"id", "problem", "answer"}
   _, test = T.make_splits(T.TaskConfig(), 50, 20, seed=0)
@@ -208,23 +219,24 @@ def test_data_cli_writes_jsonl(tmp_path):
 
 TINY = sft_lib.SftConfig(
   hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
-  head_dim=16, num_train=64, num_test=8, steps=8, batch_size=8, learning_rate=1e-2,
-  log_every=4, eval_max_new_tokens=24, pad_multiple=256,
+  head_dim=16, num_train=64, steps=8, batch_size=8, learning_rate=1e-2, log_every=4,
+  pad_multiple=256,
 )  # fmt: skip
+MAX_NEW = 24
 
 
 def test_sft_config_refuses_bad_values():
-  with pytest.raises(ValueError, match="eval_max_new_tokens=0 must be >= 1"):
-    dataclasses.replace(TINY, eval_max_new_tokens=0)
-  with pytest.raises(ValueError, match="num_test=0 must be >= 1"):
-    dataclasses.replace(TINY, num_test=0)
+  with pytest.raises(ValueError, match="steps=0 and batch_size=8 must be >= 1"):
+    dataclasses.replace(TINY, steps=0)
+  with pytest.raises(ValueError, match="num_train=4 must be >= batch_size=8"):
+    dataclasses.replace(TINY, num_train=4)
 
 
 @pytest.fixture(scope="module")
 def trained(splits, tokenizer):
   train = splits[0][: TINY.num_train]
   logs = []
-  model, history = sft_lib.train_sft(TINY, tokenizer, train, log=logs.append)
+  model, history = sft_lib.train_sft(TINY, T.CotConfig(), tokenizer, train, 0, log=logs.append)
   return model, history, logs
 
 
@@ -235,12 +247,10 @@ def test_short_sft_reduces_loss_and_gives_finite_metrics(trained, splits, tokeni
   # From ~log(V) at init; 8 steps at lr 1e-2 on a tiny model cut it by far more than noise.
   assert losses[-1] < losses[0] - 0.5, losses
   assert any("tokens/s" in line for line in logs)
-  m = evaluate(
-    model, tokenizer, splits[1][:8], temperature=0.6, max_new_tokens=TINY.eval_max_new_tokens
-  )
+  m = evaluate(model, tokenizer, splits[1][:8], temperature=0.6, max_new_tokens=MAX_NEW)
   for k in ("accuracy", "mean_length", "truncated", "connector_share", "concise_length"):
     assert math.isfinite(m[k]), (k, m[k])
-  assert 0 <= m["accuracy"] <= 1 and 1 <= m["mean_length"] <= TINY.eval_max_new_tokens
+  assert 0 <= m["accuracy"] <= 1 and 1 <= m["mean_length"] <= MAX_NEW
 
 
 def test_save_load_round_trip(trained, tok_dir, tmp_path, splits):
@@ -278,26 +288,24 @@ def test_sft_batch_masks_only_response_targets(splits, tokenizer):
     assert batch["mask_BT"][r].sum() == len(seq)
 
 
-def test_sft_cli_model_size_and_cot_flags(tmp_path, monkeypatch):
+def test_sft_cli_reads_the_toy_config(tmp_path, monkeypatch):
   seen = {}
   train = sft_lib.train_sft
 
-  def spy(cfg, *args, **kwargs):
-    seen["cot"] = cfg.cot
-    return train(cfg, *args, **kwargs)
+  def spy(cfg, cot, *args, **kwargs):
+    seen["cot"] = cot
+    return train(cfg, cot, *args, **kwargs)
 
   monkeypatch.setattr(sft_lib, "train_sft", spy)
-  metrics = sft_lib.main([
-    "--workdir", str(tmp_path), "--steps", "2", "--num_train", "64", "--num_test", "4",
-    "--batch_size", "8", "--num_layers", "1", "--hidden_size", "32",
-    "--intermediate_size", "48", "--cot", "check_style=careful,max_rechecks=2",
-    "--eval_max_new_tokens", "16",
-  ])  # fmt: skip
+  keys = ("sft.steps=2,sft.num_train=64,eval.num_prompts=4,sft.batch_size=8,sft.num_layers=1,"
+          "sft.hidden_size=32,sft.intermediate_size=48,cot.check_style=careful,"
+          "cot.max_rechecks=2,eval.max_new_tokens=16")  # fmt: skip
+  assert sft_lib.main(["--workdir", str(tmp_path), f"--config={ROOT}/configs/toy.py:{keys}"]) == 0
   assert seen["cot"] == T.CotConfig(check_style="careful", max_rechecks=2)
   config = json.loads((tmp_path / "sft" / "config.json").read_text())
   assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (
     1, 32, 48,
   )  # fmt: skip
+  metrics = json.loads((tmp_path / "sft_metrics.json").read_text())
   assert metrics["steps"] == 2 and metrics["num_problems"] == 4
-  assert metrics["mean_length"] <= 16  # the evaluation budget flag
-  assert json.loads((tmp_path / "sft_metrics.json").read_text())["steps"] == 2
+  assert metrics["mean_length"] <= 16  # the evaluation budget: eval.max_new_tokens

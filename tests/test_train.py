@@ -54,9 +54,9 @@ def run(micro_batches, mesh=None, epochs=1, batch=None, steps=1, adam=False, los
   """One train step. Plain SGD (optax.identity) by default, so params - lr * grad compares
   gradients directly; Adam's first step (~ lr * sign(g)) would amplify rounding."""
   model = init_model(get_preset("tiny"), mesh, seed=0)
-  opt = OptimConfig(lr=1e-2, warmup_steps=0, total_steps=10)
+  opt = OptimConfig(lr=1e-2, warmup_steps=0)
   tx = make_optimizer(opt) if adam else optax.identity()
-  state, sh = init_state_sharded(model, tx, mesh)
+  state, sh = init_state_sharded(nnx.state(model, nnx.Param), tx, mesh)
   step = make_train_step(
     nnx.graphdef(model),
     tx,
@@ -180,7 +180,7 @@ def test_weighted_statistics_are_nan_without_weight():
 
 
 def test_lr_schedule_warmup_then_cosine():
-  f = lr_schedule(OptimConfig(lr=1.0, warmup_steps=2, total_steps=6, min_lr_ratio=0.1))
+  f = lr_schedule(OptimConfig(lr=1.0, warmup_steps=2, min_lr_ratio=0.1), total_steps=6)
   # warmup: (t+1)/2 -> 0.5, 1.0; cosine over 4 steps: 1, 0.1+0.9*(1+cos(pi/4))/2, ...
   expected = [
     0.5,

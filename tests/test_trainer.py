@@ -10,13 +10,19 @@ import signal
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from egrc_jax import losses
 from egrc_jax.trainer import branch
 from egrc_jax.trainer import config as config_lib
-from egrc_jax.trainer.checkpoint import CheckpointError
+from egrc_jax.trainer.checkpoint import (
+  CheckpointError,
+  latest_complete_step,
+  read_meta,
+  restore_params,
+)
 from egrc_jax.trainer.loop import NonFiniteError, Trainer
-from egrc_jax.trainer.stages import EntropySwitch, stage_loss_config, stages_for
+from egrc_jax.trainer.plan import SwitchConfig, build_plan
+from egrc_jax.trainer.switch import EntropySwitch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Small enough to run each arm in seconds: 4 prompts x 2 samples, 8 new tokens.
@@ -91,7 +97,7 @@ def test_lr_schedule_is_sized_in_rl_steps_with_ppo_epochs(tmp_path, shared_data)
   Trainer(c, str(tmp_path)).run()
   rows, _ = read_metrics(tmp_path)
   o = c.optim
-  sched = lr_schedule(OptimConfig(lr=o.lr, warmup_steps=2, total_steps=4, min_lr_ratio=0.1))
+  sched = lr_schedule(OptimConfig(lr=o.lr, warmup_steps=2, min_lr_ratio=0.1), total_steps=4)
   # lr (t+1)/2 for t < 2, then cosine from lr to 0.1 lr over steps 2..3.
   assert [r["optim/lr"] for r in rows] == [sched(t) for t in range(4)]
   assert [r["optim/lr"] for r in rows][:2] == [o.lr / 2, o.lr]
@@ -138,7 +144,7 @@ def test_entropy_switch_rule():
   # step 7: 0.7 -> 0.7 (0% < 5%: switch).
   entropies = (1.0, 0.9, 0.8, 0.7, 0.7, 0.7, 0.7)
   assert [sw.update(h) for h in entropies] == [False] * 6 + [True]
-  restored = EntropySwitch.from_state(2, 0.05, 3, sw.state())
+  restored = EntropySwitch.from_state(SwitchConfig(2, 0.05, 3), sw.state())
   assert restored.state() == sw.state()
 
 
@@ -152,16 +158,12 @@ def test_entropy_triggered_switch_is_logged(tmp_path, shared_data):
   assert result["global_step"] == 4  # 2 compress (switched early) + 2 enhance
 
 
-def _final_params(workdir, c):
-  t = Trainer(c, str(workdir))
-  step = t.ckpt.latest_step()
-  from egrc_jax.train import init_state_sharded, make_optimizer
-
-  tx = make_optimizer(t._optim_config(t.stages[0]))
-  abstract, _ = init_state_sharded(t.model, tx, t.mesh)
-  state, meta = t.ckpt.restore(step, abstract, t.model_cfg)
-  t.grader.close()
-  return jax.device_get(state.params), meta
+def _final_params(workdir, c=None):
+  """(params, meta) of the workdir's latest checkpoint, read as evaluation reads it."""
+  step = latest_complete_step(str(workdir))
+  step_dir = pathlib.Path(workdir) / "checkpoints" / str(step)
+  _, model = restore_params(step_dir)
+  return jax.device_get(nnx.state(model, nnx.Param)), read_meta(step_dir)
 
 
 def test_resume_is_bitwise_exact(tmp_path, shared_data):
@@ -187,17 +189,17 @@ def test_resume_is_bitwise_exact(tmp_path, shared_data):
 def test_sigterm_saves_a_restorable_checkpoint(tmp_path, shared_data, monkeypatch):
   c = tiny("checkpoint.every=100", shared_data)
   trainer = Trainer(c, str(tmp_path))
-  original = trainer.writer.write
+  original = trainer.ctx.writer.write
 
   def write_then_preempt(step, metrics):
     original(step, metrics)
     if step == 1:
       os.kill(os.getpid(), signal.SIGTERM)  # what a TPU preemption notice delivers
 
-  monkeypatch.setattr(trainer.writer, "write", write_then_preempt)
+  monkeypatch.setattr(trainer.ctx.writer, "write", write_then_preempt)
   result = trainer.run()
   assert result == {"stopped_early": "sigterm", "global_step": 1}
-  assert trainer.ckpt.latest_step() == 1
+  assert latest_complete_step(str(tmp_path)) == 1
   resumed = Trainer(tiny("", shared_data), str(tmp_path)).run()
   assert resumed["global_step"] == 4
 
@@ -211,14 +213,14 @@ def test_non_finite_updates_are_skipped_then_stop(tmp_path, shared_data, monkeyp
     "advantages",
     lambda stage, rewards: (real(stage, rewards)[0] * np.nan, np.ones_like(rewards.total_PG, bool)),
   )
-  c = tiny("optim.max_bad_steps=2,compress.steps=5", shared_data)
+  c = tiny("optim.max_bad_steps=2,compress.steps=5", shared_data)  # checkpoint.every=1
   trainer = Trainer(c, str(tmp_path))
-  from flax import nnx
-
-  before = jax.tree.map(np.array, nnx.state(trainer.model, nnx.Param))
+  before = jax.tree.map(np.array, trainer.params)
   with pytest.raises(NonFiniteError, match="2 consecutive non-finite"):
     trainer.run()
-  after = jax.tree.map(np.array, nnx.state(trainer.model, nnx.Param))
+  # The checkpoint after the first skipped update holds the starting params, untouched.
+  after, meta = _final_params(tmp_path)
+  assert meta["global_step"] == 1
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   _, events = read_metrics(tmp_path)
@@ -266,7 +268,7 @@ def test_kl_to_the_frozen_reference(tmp_path, shared_data):
   # The entropy bonus moves the policy even though a random model earns no reward; the
   # reference stays at the starting params, so KL is 0 at step 1 and positive after.
   c = tiny(
-    "arm=grpo,loss.kl_kind=k3,loss.kl_coef=0.1,loss.entropy_coef=0.5,optim.lr=1e-2", shared_data
+    "arm=grpo,loss.kl_kind=k3,single.kl_coef=0.1,loss.entropy_coef=0.5,optim.lr=1e-2", shared_data
   )
   Trainer(c, str(tmp_path)).run()
   rows, _ = read_metrics(tmp_path)
@@ -276,7 +278,7 @@ def test_kl_to_the_frozen_reference(tmp_path, shared_data):
 
 
 def test_kl_in_stage_two_only(tmp_path, shared_data):
-  # enhance.kl_coef gives stage 2 its own KL weight; stage 1 inherits loss.kl_coef = 0, so it
+  # enhance.kl_coef gives stage 2 its own KL weight; stage 1's compress.kl_coef is 0, so it
   # has no KL term and computes no reference logprobs. (A random model earns no reward, so
   # positive-only stage 1 leaves the params at the reference; the entropy bonus moves them in
   # stage 2, so its KL is 0 at its first step and positive after.)
@@ -296,17 +298,18 @@ def test_kl_in_stage_two_only(tmp_path, shared_data):
 
 
 def test_stage_kl_weights():
-  base = losses.LossConfig(kl_kind="k3", kl_coef=0.04)
-  c = tiny("arm=egrc,loss.kl_kind=k3,loss.kl_coef=0.04,compress.kl_coef=0.0,enhance.kl_coef=0.2")
-  s1, s2 = stages_for(c)
-  assert stage_loss_config(base, s1) == dataclasses.replace(base, kl_kind=None, kl_coef=0.0)
-  assert stage_loss_config(base, s2) == dataclasses.replace(base, kl_coef=0.2)
-  (ee,) = stages_for(tiny("arm=ee,loss.kl_kind=k3,loss.kl_coef=0.04"))
-  assert stage_loss_config(base, ee) == base  # single.kl_coef < 0: the global weight
-  # A KL estimator with weight 0 everywhere: no KL term, no reference.
-  assert stage_loss_config(losses.LossConfig(kl_kind="k3"), ee).kl_kind is None
+  # Each stage's KL weight is its own key (no inheritance); 0 means no KL term and no
+  # reference logprobs, whatever loss.kl_kind says.
+  plan = build_plan(tiny("arm=egrc,loss.kl_kind=k3,compress.kl_coef=0.0,enhance.kl_coef=0.2"))
+  s1, s2 = plan.stages
+  assert (s1.loss.kl_kind, s1.loss.kl_coef) == (None, 0.0)
+  assert (s2.loss.kl_kind, s2.loss.kl_coef) == ("k3", 0.2)
+  (ee,) = build_plan(tiny("arm=ee,loss.kl_kind=k3,single.kl_coef=0.04")).stages
+  assert (ee.loss.kl_kind, ee.loss.kl_coef) == ("k3", 0.04)
   with pytest.raises(ValueError, match=r"enhance.kl_coef=0.1 > 0 but loss.kl_kind='none'"):
     tiny("enhance.kl_coef=0.1")
+  with pytest.raises(ValueError, match=r"compress.kl_coef=-1.0 must be >= 0"):
+    tiny("compress.kl_coef=-1")
 
 
 def test_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path, shared_data):
@@ -392,28 +395,28 @@ def test_branch_refuses_bad_input(tmp_path):
 
 
 def test_every_reward_setting_is_a_config_key():
-  # Each RewardConfig field the stages pass comes from a config key (no hidden defaults):
-  # set every one to a non-default value and find it in the stage's reward.
-  from egrc_jax.rewards import RewardConfig
-
+  # Each RewardConfig field of a stage comes from a config key (no hidden defaults): set
+  # every one to a non-default value and find it in the stage's plan.
   c = tiny(
     "arm=baseline,single.reward=dapo_overlong,single.clip_truncated=false,single.kimi_weight=0.3,"
     "single.sb_correct_weight=3.0,single.sb_beta=0.01,single.dapo_scale=0.5,"
     "single.dapo_signed=false,single.az_alpha=0.2,single.l1_alpha=0.001,single.n_target=6,"
-    "single.buffer=3,single.r=0.25"
+    "single.buffer=3,single.r=0.25,single.w_len=0.7,single.shaping=linear"
   )
-  (stage,) = stages_for(c)
-  got = RewardConfig(name=stage.reward, max_len=8, **stage.kwargs())
+  (stage,) = build_plan(c).stages
   want = dict(clip_truncated=False, kimi_weight=0.3, sb_correct_weight=3.0, sb_beta=0.01,
               dapo_scale=0.5, dapo_signed=False, az_alpha=0.2, l1_alpha=0.001, n_target=6,
-              buffer=3, r=0.25)  # fmt: skip
-  assert {k: getattr(got, k) for k in want} == want
-  defaults = {f.name for f in dataclasses.fields(RewardConfig)} - {"name", "max_len"}
-  passed = set(stage.kwargs())
-  # w_len and shaping belong to the EE / EGRC stages; everything else the baseline passes.
-  assert defaults - passed == {"w_len", "shaping"}
-  s1, s2 = stages_for(tiny("arm=egrc,compress.clip_truncated=false,enhance.clip_truncated=false"))
-  assert s1.kwargs()["clip_truncated"] is False and s2.kwargs()["clip_truncated"] is False
+              buffer=3, r=0.25, w_len=0.7, shaping="linear", name="dapo_overlong",
+              max_len=8)  # fmt: skip
+  assert {f.name for f in dataclasses.fields(stage.reward)} == set(want)
+  assert {k: getattr(stage.reward, k) for k in want} == want
+  s1, s2 = build_plan(
+    tiny(
+      "arm=egrc,compress.clip_truncated=false,enhance.clip_truncated=false,enhance.shaping=linear"
+    )
+  ).stages
+  assert not s1.reward.clip_truncated and not s2.reward.clip_truncated
+  assert s2.reward.shaping == "linear"
 
 
 def test_one_connector_list_per_task():
@@ -431,8 +434,6 @@ def test_one_connector_list_per_task():
 def test_a_rerun_of_a_finished_run_holds_its_final_params(tmp_path, shared_data):
   # Re-running a finished run used to leave the trainer on the *starting* params, which
   # main then exported as hf_final: the SFT model reported as the RL model.
-  from flax import nnx
-
   c = tiny("arm=grpo,loss.entropy_coef=0.5,optim.lr=1e-2", shared_data)
   first = Trainer(c, str(tmp_path))
   first.run()

@@ -1,6 +1,6 @@
 """The learner's pure loss functions: advantages, token log-probs and entropy (vocab
-chunked), PPO-clip, KL estimators, aggregation, entropy selection, diagnostics, and the
-composed `policy_loss`. See docs/losses.md for every formula."""
+chunked), PPO-clip, KL estimators, aggregation, entropy selection, diagnostics, and their
+one composition (`loss_weights`, `batch_loss`). See docs/losses.md for every formula."""
 
 from egrc_jax.losses.advantages import (
   absolute_advantages,
@@ -21,7 +21,13 @@ from egrc_jax.losses.diagnostics import (
   masked_mean,
   pearson_corr,
 )
-from egrc_jax.losses.policy_loss import TOKEN_STAT_NAMES, LossConfig, policy_loss, token_loss
+from egrc_jax.losses.policy_loss import (
+  TOKEN_STAT_NAMES,
+  LossConfig,
+  batch_loss,
+  loss_weights,
+  token_loss,
+)
 from egrc_jax.losses.selection import (
   SELECT_MODES,
   high_entropy_mask,
@@ -59,6 +65,7 @@ __all__ = [
   "aggregate",
   "aggregation_weights",
   "approx_kl",
+  "batch_loss",
   "clip_fractions",
   "connector_entropy",
   "connector_mask",
@@ -75,9 +82,9 @@ __all__ = [
   "kl_penalty",
   "logit_grad_norm",
   "logprobs_and_entropy_from_logits",
+  "loss_weights",
   "masked_mean",
   "pearson_corr",
-  "policy_loss",
   "ppo_clip_objective",
   "restrict_to_high_entropy",
   "reweight_high_entropy",

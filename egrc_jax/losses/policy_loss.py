@@ -1,13 +1,15 @@
-"""The learner's loss: LossConfig, the per-token loss, and the composed `policy_loss`.
+"""The learner's loss: LossConfig, the per-token loss and its one composition.
 
-Shape letters: B rows (P prompts x G samples, prompt-major), T completion length.
+Shape letters: B rows (P prompts x G samples, prompt-major), C completion length.
 
-    l_bt = s_bt * ppo_bt + kl_coef * kl_bt - entropy_coef * H_bt         (`token_loss`)
-    L    = sum_{b,t} w_bt l_bt                                           (`policy_loss`)
+    l_bc = s_bc * ppo_bc + kl_coef * kl_bc - entropy_coef * H_bc         (`token_loss`)
+    L    = sum_{b,c} w_bc l_bc                                           (`batch_loss`)
 
 ppo: `ppo_clip_objective`; kl: `kl_penalty(kl_kind)`; s: entropy selection factor
 (`selection.py`); w: aggregation weights (`aggregate.py`), zero on padding and on rows
-outside sample_mask_B (stage 1 positive-only), so those rows get exactly zero gradient.
+outside the sample mask (stage 1 positive-only), so those rows get exactly zero gradient.
+`loss_weights` computes w and s for a whole batch; the train step sums `batch_loss` over
+its micro-batches.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from egrc_jax.losses import diagnostics as diag
 from egrc_jax.losses.aggregate import AGG_MODES, aggregation_weights, weighted_sum
-from egrc_jax.losses.selection import SELECT_MODES, high_entropy_mask, selection_factor
+from egrc_jax.losses.selection import SELECT_MODES, selection_factor
 from egrc_jax.losses.surrogate import KL_KINDS, kl_k3, kl_penalty, ppo_clip_objective
 
 # Per-token statistics returned by `token_loss` (means are taken with the aggregation weights).
@@ -157,64 +158,49 @@ def token_loss(
   return loss_BT, stats
 
 
-def policy_loss(
-  logp_BT: jax.Array,
-  entropy_BT: jax.Array,
-  old_logp_BT: jax.Array,
-  advantages: jax.Array,
-  mask_BT: jax.Array,
-  cfg: LossConfig,
-  *,
-  ref_logp_BT: jax.Array | None = None,
-  sample_mask_B: jax.Array | None = None,
-  sum_p2_BT: jax.Array | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Scalar loss L = sum w * l over the whole batch, and scalar metrics.
-
-  logp_BT / entropy_BT: the current policy's (differentiable); old_logp_BT: the behaviour
-  policy's; ref_logp_BT: the reference's (needed when cfg.kl_kind is set); advantages [B] or
-  [B, T]; mask_BT: completion tokens; sample_mask_B: rows that get gradient (None = all);
-  sum_p2_BT: sum_v p^2 from `token_stats`, which turns on the entropy-gradient diagnostics.
-  Token diagnostics are over the training tokens (mask & sample_mask) except "entropy", the
-  policy-entropy curve, which is over every completion token.
-  """
-  mask = mask_BT.astype(bool)
+def loss_weights(
+  mask_BC: jax.Array, sample_mask_B: jax.Array | None, entropy_BC: jax.Array, cfg: LossConfig
+) -> tuple[jax.Array, jax.Array]:
+  """(w_bc, s_bc) of a whole batch, computed once before it is split into micro-batches
+  (which makes micro-batching exact): the aggregation weights of cfg.agg_mode over the
+  completion tokens of the rows in sample_mask_B (None: all; stage 1: R > 0), and the
+  entropy-selection factors, from the behaviour policy's entropies over those same tokens."""
+  mask = mask_BC.astype(bool)
   train = mask if sample_mask_B is None else mask & sample_mask_B.astype(bool)[:, None]
-  select_BT = selection_factor(
-    cfg.entropy_select, entropy_BT, train, cfg.rho, cfg.high_entropy_weight
-  )
-  w_BT = aggregation_weights(
+  weight_BC = aggregation_weights(
     mask,
     cfg.agg_mode,
     sample_mask_B=sample_mask_B,
     exclude_masked_from_denominator=cfg.exclude_masked_from_denominator,
     max_len=cfg.max_len_norm,
   )
-  loss_BT, stats = token_loss(
-    logp_BT, entropy_BT, old_logp_BT, ref_logp_BT, advantages, cfg, select_BT
+  select_BC = selection_factor(
+    cfg.entropy_select, entropy_BC, train, cfg.rho, cfg.high_entropy_weight
   )
-  loss = weighted_sum(loss_BT, w_BT)
+  return weight_BC, select_BC
 
-  metrics = {
-    "loss": jax.lax.stop_gradient(loss),
-    "pg_loss": weighted_sum(select_BT * stats["pg_loss"], w_BT),
-    "kl": weighted_sum(stats["kl"], w_BT),
-    "entropy": diag.masked_mean(entropy_BT, mask),
-    "entropy_train": diag.masked_mean(entropy_BT, train),
-    "ratio_mean": diag.masked_mean(stats["ratio"], train),
-    "approx_kl": diag.masked_mean(stats["approx_kl"], train),
-    "tokens": jnp.sum(train).astype(jnp.float32),
-    "sample_frac": jnp.mean(jnp.any(train, axis=-1).astype(jnp.float32)),
-  }
-  for name in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "clip_frac"):
-    metrics[name] = diag.masked_mean(stats[name], train)
-  high_BT = high_entropy_mask(entropy_BT, train, cfg.rho)
-  metrics["high_entropy_frac"] = diag.high_entropy_share(high_BT, train)
-  if sum_p2_BT is not None:
-    adv_BT = _broadcast_adv(advantages, mask.shape)
-    clipped = (stats["clip_frac"] > 0) | (select_BT == 0)  # no gradient reaches these tokens
-    g_BT = diag.logit_grad_norm(adv_BT, logp_BT, sum_p2_BT, clipped)
-    metrics["logit_grad_norm"] = diag.masked_mean(g_BT, train)
-    metrics["entropy_grad_corr"] = diag.pearson_corr(g_BT, entropy_BT, train)
-    metrics["high_entropy_grad_share"] = diag.high_entropy_share(high_BT, train, g_BT)
-  return loss, metrics
+
+def batch_loss(
+  logp_BC: jax.Array,
+  entropy_BC: jax.Array,
+  old_logp_BC: jax.Array,
+  ref_logp_BC: jax.Array | None,
+  adv_BC: jax.Array,
+  weight_BC: jax.Array,
+  select_BC: jax.Array,
+  cfg: LossConfig,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """L = sum_{b,c} w_bc l_bc (module docstring) over a batch or one micro-batch of it, and
+  the w-weighted sums of the per-token statistics (TOKEN_STAT_NAMES; divide by sum w for
+  the loss-weighted means). The one composition of the loss: the train step's.
+
+  logp / entropy: the current policy's (differentiable); old_logp: the behaviour policy's;
+  ref_logp: the reference's (read only when cfg.kl_kind is set); weight / select: from
+  `loss_weights`. A token with w = 0 gets exactly zero gradient, whatever its inputs hold.
+  """
+  ref = ref_logp_BC if cfg.kl_kind is not None else None
+  tok_BC, stats = token_loss(
+    logp_BC, entropy_BC, old_logp_BC, ref, adv_BC, cfg, select_BC, weight_BC != 0
+  )
+  sums = {k: weighted_sum(stats[k], weight_BC) for k in TOKEN_STAT_NAMES}
+  return weighted_sum(tok_BC, weight_BC), sums

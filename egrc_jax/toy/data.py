@@ -1,6 +1,7 @@
 """The toy task's prompt sets as JSONL benchmark files.
 
-    python -m egrc_jax.toy.data --out DIR [--num_train 20000 --num_test 500 --seed 0]
+    python -m egrc_jax.toy.data --out=DIR [--seed=S] \\
+        [--config=configs/toy.py:sft.num_train=N,eval.num_prompts=M]
 
 writes DIR/train.jsonl and DIR/test.jsonl, one {"id", "problem", "answer"} row per problem
 ("answer" an integer string, as in aime24's file), so the RL pipeline reads them like any
@@ -9,10 +10,11 @@ benchmark file with problem field "problem" and answer field "answer".
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
+import sys
 
+from egrc_jax import cli
 from egrc_jax.toy import task as task_lib
 
 
@@ -36,20 +38,22 @@ def write_splits(out_dir, train, test) -> dict[str, pathlib.Path]:
   return paths
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None) -> int:
+  from egrc_jax.toy.plan import toy_plan
+  from egrc_jax.trainer.config import load_config_spec
+
+  parser = cli.Parser(prog="python -m egrc_jax.toy.data", description=__doc__)
   parser.add_argument("--out", required=True)
-  parser.add_argument("--num_train", type=int, default=20_000)
-  parser.add_argument("--num_test", type=int, default=500)
+  parser.add_argument("--config", default="configs/toy.py", help="configs/toy.py[:overrides]")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  train, test = task_lib.make_splits(
-    task_lib.TaskConfig(), args.num_train, args.num_test, args.seed
-  )
+  plan = toy_plan(load_config_spec(args.config))
+  train, test = task_lib.make_splits(plan.task, plan.sft.num_train, plan.num_test, args.seed)
   paths = write_splits(args.out, train, test)
   for split, path in paths.items():
     print(f"{split}: {path} ({len(train if split == 'train' else test)} problems)")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main))

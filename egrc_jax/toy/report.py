@@ -321,11 +321,11 @@ def markdown(rep: dict) -> str:
   lines = [
     "# EGRC on the toy task: a miniature reproduction",
     "",
-    f"Seeds {list(seeds)}; SFT {st['sft']['steps']} steps; RL config `{st['rl_config']}` "
+    f"Seeds {list(seeds)}; SFT {st['sft']['steps']} steps; config `{st['config']}` "
     f"(compress {rl['compress']['steps']} steps at T={rl['compress']['temperature']}, enhance "
     f"{rl['enhance']['steps']} at T={rl['enhance']['temperature']}, EE {rl['single']['steps']}; "
     f"{rl['data']['prompts_per_step']} prompts x {rl['rollout']['num_samples']} samples, "
-    f"L={rl['rollout']['max_new_tokens']}){' [quick mode]' if st['quick'] else ''}. "
+    f"L={rl['rollout']['max_new_tokens']}). "
     f"Every model answers the same {st['num_test']} held-out problems per seed, one sample "
     f"each at T={st['eval_temperature']} (max {st['eval_max_new_tokens']} new tokens).",
     "",

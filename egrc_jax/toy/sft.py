@@ -1,6 +1,7 @@
 """SFT warm start on the toy task: a small Qwen2-family model learns verbose reasoning.
 
-    python -m egrc_jax.toy.sft --workdir /tmp/toy_sft [--steps N --seed S]
+    python -m egrc_jax.toy.sft --workdir=/tmp/toy_sft [--seed=S] \\
+        [--config=configs/toy.py:sft.steps=N]
 
 writes DIR/tokenizer/ (the toy tokenizer), DIR/data/ (train/test JSONL), DIR/sft/ (the model)
 and DIR/sft_metrics.json, and prints the test accuracy and mean response length.
@@ -24,6 +25,7 @@ if __name__ == "__main__":
 import dataclasses
 import json
 import pathlib
+import shutil
 import sys
 import time
 
@@ -45,18 +47,18 @@ from egrc_jax.toy.evaluate import evaluate
 
 @dataclasses.dataclass(frozen=True)
 class SftConfig:
+  """The warm start (configs/toy.py's `sft` section; the data comes from `task` and `cot`,
+  the evaluation settings from `eval`, the seed from the run)."""
+
   # model (Qwen2 family: q/k/v bias, untied head)
-  hidden_size: int = 64
-  intermediate_size: int = 192
+  hidden_size: int = 64  # D
+  intermediate_size: int = 192  # F (SwiGLU width)
   num_layers: int = 2
   num_heads: int = 4
   num_kv_heads: int = 2
   head_dim: int = 16
   # data
   num_train: int = 10_000  # distinct training problems (one verbose solution each)
-  num_test: int = 500  # held-out problems for the accuracy / length figures
-  task: task_lib.TaskConfig = task_lib.TaskConfig()
-  cot: task_lib.CotConfig = task_lib.CotConfig()
   # optimisation (AdamW, linear warmup then cosine decay to 10%)
   steps: int = 1000
   batch_size: int = 32
@@ -65,21 +67,13 @@ class SftConfig:
   warmup_fraction: float = 0.1  # share of the steps spent warming the learning rate up
   weight_decay: float = 0.01
   grad_clip: float = 1.0
-  seed: int = 0
-  log_every: int = 50
-  # evaluation: the EGRC protocol's temperature, one sample per test problem
-  eval_temperature: float = 0.6
-  eval_max_new_tokens: int = 448  # prompt (<= 32) + 448 fits the 512 positions
+  log_every: int = 50  # steps between progress lines
 
   def __post_init__(self):
     if self.steps < 1 or self.batch_size < 1:
       raise ValueError(f"steps={self.steps} and batch_size={self.batch_size} must be >= 1")
     if self.num_train < self.batch_size:
       raise ValueError(f"num_train={self.num_train} must be >= batch_size={self.batch_size}")
-    if self.num_test < 1:
-      raise ValueError(f"num_test={self.num_test} must be >= 1")
-    if self.eval_max_new_tokens < 1:
-      raise ValueError(f"eval_max_new_tokens={self.eval_max_new_tokens} must be >= 1")
     if self.learning_rate <= 0 or not 0 <= self.warmup_fraction < 1:
       raise ValueError(
         f"learning_rate={self.learning_rate} must be > 0 and warmup_fraction="
@@ -191,21 +185,22 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
 
 
 def train_sft(
-  cfg: SftConfig, tokenizer, train_problems, *, log=print, hook=None
-) -> tuple[Transformer, list]:
-  """Trains from scratch on one verbose solution per training problem.
+  cfg: SftConfig, cot: task_lib.CotConfig, tokenizer, train_problems, seed: int, *, log=print,
+  hook=None,
+) -> tuple[Transformer, list]:  # fmt: skip
+  """Trains from scratch on one verbose solution (`cot`) per training problem.
 
   Returns the model and the logged history [(step, loss, tokens_per_s)]. `hook(step, model)`,
   when given, is called at every logged step (e.g. to evaluate mid-run).
   """
-  examples = task_lib.sft_examples(train_problems, cfg.cot, seed=cfg.seed)
+  examples = task_lib.sft_examples(train_problems, cot, seed=seed)
   seqs, prompt_lens = tokenize_examples(tokenizer, examples)
-  model = init_model(cfg.model_config(tokenizer), seed=cfg.seed)
+  model = init_model(cfg.model_config(tokenizer), seed=seed)
   graphdef, params = nnx.split(model)
   tx = make_optimizer(cfg)
   opt_state = tx.init(params)
   step_fn = make_train_step(graphdef, tx)
-  batches = batch_order([len(s) for s in seqs], cfg.batch_size, np.random.default_rng(cfg.seed))
+  batches = batch_order([len(s) for s in seqs], cfg.batch_size, np.random.default_rng(seed))
   history, t0, tokens = [], time.perf_counter(), 0
   for step in range(1, cfg.steps + 1):
     batch = make_batch(seqs, prompt_lens, next(batches), tokenizer.pad_token_id, cfg.pad_multiple)
@@ -221,41 +216,48 @@ def train_sft(
   return nnx.merge(graphdef, params), history
 
 
-def main(argv=None) -> dict:
-  parser = cli.Parser(prog="python -m egrc_jax.toy.sft", description=__doc__)
-  parser.add_argument("--workdir", required=True)
-  d = SftConfig()
-  parser.add_argument("--steps", type=int, default=d.steps)
-  parser.add_argument("--seed", type=int, default=d.seed)
-  parser.add_argument("--batch_size", type=int, default=d.batch_size)
-  parser.add_argument("--learning_rate", type=float, default=d.learning_rate)
-  parser.add_argument("--num_train", type=int, default=d.num_train)
-  parser.add_argument("--num_test", type=int, default=d.num_test)
-  parser.add_argument("--eval_temperature", type=float, default=d.eval_temperature)
-  parser.add_argument("--eval_max_new_tokens", type=int, default=d.eval_max_new_tokens)
-  parser.add_argument("--hidden_size", type=int, default=d.hidden_size)
-  parser.add_argument("--intermediate_size", type=int, default=d.intermediate_size)
-  parser.add_argument("--num_layers", type=int, default=d.num_layers)
-  parser.add_argument(
-    "--cot", default="", help="chain-of-thought knobs, key=value,... (task.CotConfig)"
-  )
-  args = parser.parse_args(argv)
-  kwargs = {k: v for k, v in vars(args).items() if k not in ("workdir", "cot")}
-  cfg = SftConfig(**kwargs, cot=task_lib.cot_from_overrides(args.cot))
-  workdir = pathlib.Path(args.workdir)
+def run_sft(plan, workdir, seed: int, log=print, evaluate_model: bool = False) -> dict:
+  """Tokenizer, data splits and the SFT model under `workdir`: DIR/tokenizer/,
+  DIR/data/{train,test}.jsonl, DIR/sft/ (written to sft.tmp/ and renamed, so sft/ exists
+  only when complete) and DIR/sft_metrics.json, with the test evaluation when
+  `evaluate_model` (the pipeline evaluates every model itself). `plan`: a toy.plan.ToyPlan."""
+  workdir = pathlib.Path(workdir)
+  cfg = plan.sft
   tokenizer = tok_lib.build_tokenizer(workdir / "tokenizer")
-  train, test = task_lib.make_splits(cfg.task, cfg.num_train, cfg.num_test, seed=cfg.seed)
+  train, test = task_lib.make_splits(plan.task, cfg.num_train, plan.num_test, seed=seed)
   write_splits(workdir / "data", train, test)
   t0 = time.perf_counter()
-  model, history = train_sft(cfg, tokenizer, train)
+  model, history = train_sft(cfg, plan.cot, tokenizer, train, seed, log=log)
   train_s = time.perf_counter() - t0
-  save_sft(model, workdir / "tokenizer", workdir / "sft")
-  metrics = evaluate(
-    model, tokenizer, test, temperature=cfg.eval_temperature,
-    max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed,
-  )  # fmt: skip
-  metrics.update(train_seconds=train_s, final_loss=history[-1][1], steps=cfg.steps)
-  (workdir / "sft_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+  tmp = workdir / "sft.tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  save_sft(model, workdir / "tokenizer", tmp)
+  tmp.rename(workdir / "sft")
+  metrics = {"steps": cfg.steps, "train_seconds": train_s, "final_loss": history[-1][1],
+             "seed": seed, "config": dataclasses.asdict(cfg)}  # fmt: skip
+  if evaluate_model:
+    metrics.update(evaluate(
+      model, tokenizer, test, temperature=plan.eval_temperature,
+      max_new_tokens=plan.eval_max_new_tokens, seed=seed,
+    ))  # fmt: skip
+  (workdir / "sft_metrics.json").write_text(json.dumps(metrics, indent=1, default=str) + "\n")
+  return metrics
+
+
+def main(argv=None) -> int:
+  from egrc_jax.toy.plan import toy_plan
+  from egrc_jax.trainer.config import load_config_spec
+
+  parser = cli.Parser(prog="python -m egrc_jax.toy.sft", description=__doc__)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--config", default="configs/toy.py", help="configs/toy.py[:overrides]")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  plan = toy_plan(load_config_spec(args.config))
+  workdir = pathlib.Path(args.workdir)
+  if (workdir / "sft").exists():
+    raise FileExistsError(f"{workdir / 'sft'} exists; pass a new --workdir")
+  metrics = run_sft(plan, workdir, args.seed, evaluate_model=True)
   print(
     f"test accuracy {metrics['accuracy']:.3f}  mean length {metrics['mean_length']:.1f}"
     f" tokens (concise reference {metrics['concise_length']:.1f}, ratio"
@@ -264,7 +266,7 @@ def main(argv=None) -> dict:
     f" {metrics['entropy_at_connectors']:.3f} / elsewhere {metrics['entropy_elsewhere']:.3f}"
     f"  truncated {metrics['truncated']:.3f}"
   )
-  return metrics
+  return 0
 
 
 if __name__ == "__main__":

@@ -36,8 +36,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from egrc_jax.trainer.config import parse_value
-
 OPS = ("add", "minus", "times")
 _SYMBOL = {"add": "+", "minus": "-", "times": "*"}
 CONNECTORS = ("wait", "hmm", "but", "so", "therefore", "alternatively", "let", "okay")
@@ -90,26 +88,6 @@ class CotConfig:
         raise ValueError(f"{name}={p} must be a probability in [0, 1]")
     if self.max_rechecks < 0:
       raise ValueError(f"max_rechecks={self.max_rechecks} must be >= 0")
-
-
-def cot_from_overrides(text: str, base: CotConfig | None = None) -> CotConfig:
-  """CotConfig from "key=value,key=value" (the `--cot` flag), on top of `base`."""
-  base = base or CotConfig()
-  names = sorted(f.name for f in dataclasses.fields(CotConfig))
-  changes = {}
-  for item in (x.strip() for x in text.split(",")):
-    if not item:
-      continue
-    key, sep, value = item.partition("=")
-    key = key.strip()
-    if not sep or key not in names:
-      raise ValueError(f"--cot item {item!r}: expected key=value with key one of {names}")
-    old = getattr(base, key)
-    try:
-      changes[key] = parse_value(value.strip(), old)
-    except ValueError as e:
-      raise ValueError(f"--cot {key}={value!r}: not a valid {type(old).__name__} ({e})") from None
-  return dataclasses.replace(base, **changes)
 
 
 @dataclasses.dataclass(frozen=True)

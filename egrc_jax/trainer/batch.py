@@ -12,58 +12,38 @@ from egrc_jax.model import positions_from_mask
 from egrc_jax.rewards import Rewards
 from egrc_jax.sampler.rollout import Rollout
 from egrc_jax.train import Batch
-from egrc_jax.trainer.stages import Stage
+from egrc_jax.trainer.plan import AdvantageConfig
 
 
-def advantages(stage: Stage, rewards: Rewards) -> tuple[np.ndarray, np.ndarray]:
+def advantages(cfg: AdvantageConfig, rewards: Rewards) -> tuple[np.ndarray, np.ndarray]:
   """(advantage [P, G], sample mask [P, G]) by the stage's rule (EGRC.md)."""
-  if stage.advantage == "absolute":
-    adv, keep = losses.absolute_advantages(rewards.total_PG, stage.beta)
-  elif stage.advantage == "decomposed":
-    adv = losses.decomposed_advantages(
-      rewards.acc_PG, rewards.len_PG, stage.w_len, stage.std_normalize
-    )
+  if cfg.kind == "absolute":
+    adv, keep = losses.absolute_advantages(rewards.total_PG, cfg.beta)
+  elif cfg.kind == "decomposed":
+    adv = losses.decomposed_advantages(rewards.acc_PG, rewards.len_PG, cfg.w_len, cfg.std_normalize)
     keep = np.ones_like(rewards.total_PG, bool)
   else:
-    adv = losses.group_relative_advantages(rewards.total_PG, stage.std_normalize)
+    adv = losses.group_relative_advantages(rewards.total_PG, cfg.std_normalize)
     keep = np.ones_like(rewards.total_PG, bool)
   return np.asarray(adv, np.float32), np.asarray(keep, bool)
 
 
 def make_batch(
-  rollout: Rollout,
-  adv_PG: np.ndarray,
-  keep_PG: np.ndarray,
-  loss_cfg: losses.LossConfig,
-  *,
-  excluded_in_denominator: bool,
-  ref_logp_BC: np.ndarray | None = None,
+  rollout: Rollout, adv_PG: np.ndarray, keep_PG: np.ndarray, loss_cfg: losses.LossConfig
 ) -> Batch:
   """The learner's batch. Old logprobs are the sampler's log q (the sampling distribution:
   stage temperature and filters), the behaviour policy of the PPO ratio; with a filter on,
-  the trainer replaces them by the learner's own recomputation (`rollout.
-  recompute_old_logprobs`), since the learner's log p_T cannot reproduce log q."""
+  the RL step replaces them by the learner's own recomputation (the StagePlan's
+  recompute_old_logprobs), since the learner's log p_T cannot reproduce log q."""
   prompt = np.asarray(rollout.prompt_tokens_BTp)
   pmask = np.asarray(rollout.prompt_mask_BTp)
   comp = np.asarray(rollout.completion_tokens_BC)
   cmask = np.asarray(rollout.completion_mask_BC)
   tokens = np.concatenate([prompt, comp], 1)
   mask = np.concatenate([pmask, cmask], 1)
-  keep_B = keep_PG.reshape(-1)
-  weight = losses.aggregation_weights(
-    cmask,
-    loss_cfg.agg_mode,
-    sample_mask_B=keep_B,
-    exclude_masked_from_denominator=not excluded_in_denominator,
-    max_len=loss_cfg.max_len_norm,
-  )
-  # Entropy selection uses the behaviour policy's entropy, fixed for the whole batch.
-  select = losses.selection_factor(
-    loss_cfg.entropy_select,
-    np.asarray(rollout.entropy_BC),
-    cmask & keep_B[:, None],
-    loss_cfg.rho,
-    loss_cfg.high_entropy_weight,
+  # Weights and entropy selection for the whole batch (the behaviour policy's entropy).
+  weight, select = losses.loss_weights(
+    cmask, keep_PG.reshape(-1), np.asarray(rollout.entropy_BC), loss_cfg
   )
   adv_BC = np.broadcast_to(adv_PG.reshape(-1, 1), comp.shape).astype(np.float32)
   return Batch(
@@ -73,7 +53,7 @@ def make_batch(
     targets_BC=comp.astype(np.int32),
     old_logp_BC=np.asarray(rollout.logprobs_BC, np.float32),
     sampler_logp_BC=np.asarray(rollout.tempered_logprobs_BC, np.float32),
-    ref_logp_BC=np.zeros(comp.shape, np.float32) if ref_logp_BC is None else ref_logp_BC,
+    ref_logp_BC=np.zeros(comp.shape, np.float32),
     adv_BC=np.ascontiguousarray(adv_BC),
     weight_BC=np.asarray(weight, np.float32),
     select_BC=np.asarray(select, np.float32),

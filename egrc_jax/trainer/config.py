@@ -9,21 +9,15 @@ EGRC.md's [ours] choices are all fields here, so a researcher can set the paper'
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from egrc_jax.data.chat import INSTRUCTION
+from egrc_jax.trainer.plan import ARMS as ARMS  # the arm names, re-exported
+from egrc_jax.trainer.plan import build_plan
 
 CONNECTORS = ("wait", "but", "so", "therefore", "alternatively", "hmm", "verify")
-
-ARMS = (
-  "egrc",  # compress, then enhance from the compressed params [paper]
-  "compress",  # stage 1 only
-  "enhance",  # stage 2 only
-  "ee",  # entropy-entangled: one stage, R = c + w*c*f(|y|), GRPO advantages [paper Fig. 3]
-  "reverse",  # enhance, then compress [paper: ablation]
-  "grpo",  # accuracy only, GRPO advantages
-  "baseline",  # one GRPO stage on a literature reward (`baseline.reward`)
-)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -37,8 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.preset = "tiny"  # egrc_jax.model.PRESETS name, used when hf_path is empty
   c.model.hf_path = ""  # HF checkpoint directory to start from (overrides preset)
   c.model.tokenizer_path = ""  # tokenizer directory (defaults to hf_path)
-  c.model.dtype = ""  # compute dtype override: "" keeps the checkpoint's, or float32/bfloat16
-  c.model.param_dtype = ""  # parameter dtype override, as above
+  c.model.dtype = "float32"  # compute dtype of activations: float32 | bfloat16
+  c.model.param_dtype = "float32"  # parameter dtype (a checkpoint is cast to it on load)
   c.model.hidden_size = 0  # preset override (random init only); 0 keeps the preset's
   c.model.num_layers = 0  # preset override (random init only); 0 keeps the preset's
 
@@ -92,18 +86,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.compress.advantage = "absolute"  # absolute [paper] | group (ablation)
   c.compress.excluded_in_denominator = False  # positive-only: do excluded tokens count?
   c.compress.clip_truncated = True  # length clipping: truncated -> c = 0 [paper]
-  c.compress.kl_coef = -1.0  # this stage's KL weight; < 0: loss.kl_coef
+  c.compress.kl_coef = 0.0  # this stage's KL weight (needs loss.kl_kind); 0: no KL term
 
   # -- stage 2: enhancement -------------------------------------------------------------
   c.enhance = ml_collections.ConfigDict()
   c.enhance.steps = 100  # stage2_steps
   c.enhance.temperature = 1.0  # T2 > T1 [ours]
-  c.enhance.r = 0.5  # shaping of R_len
+  c.enhance.r = 0.5  # f(L) = r of R_len = c f(|y|)
+  c.enhance.shaping = "exp"  # f of R_len: exp [paper] | linear
   c.enhance.w_len = 0.5  # weight of the length advantage [ours]
   c.enhance.decompose = True  # norm(R_acc) + w*norm(R_len); False: norm(R_acc + w*R_len)
   c.enhance.std_normalize = True  # False: Dr.GRPO (no std division)
   c.enhance.clip_truncated = True  # length clipping stays on in stage 2 [ours]
-  c.enhance.kl_coef = -1.0  # this stage's KL weight (GRPO's beta); < 0: loss.kl_coef
+  c.enhance.kl_coef = 0.0  # this stage's KL weight (GRPO's beta; needs loss.kl_kind)
 
   # -- one-stage arms -------------------------------------------------------------------
   c.single = ml_collections.ConfigDict()
@@ -111,6 +106,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.single.temperature = 0.6  # sampling temperature of one-stage arms
   c.single.w_len = 0.5  # EE: R = c + w*c*f(|y|)
   c.single.r = 0.5  # f(L) = r of the EE length term
+  c.single.shaping = "exp"  # f of the EE length term: exp | linear
+  c.single.std_normalize = True  # False: Dr.GRPO (no std division)
   c.single.reward = "thinkprune"  # baseline arm: rewards.RewardConfig name
   c.single.l1_alpha = 0.0003  # L1-Exact / L1-Max alpha
   c.single.az_alpha = 0.1  # Arora & Zanette alpha
@@ -122,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.single.sb_beta = 0.001  # ShorterBetter: weight of ||y| - SOL|
   c.single.dapo_scale = 1.0  # DAPO: the overlong penalty reaches -dapo_scale at L
   c.single.dapo_signed = True  # DAPO's rule reward +1 / -1 (False: c in {0, 1})
-  c.single.kl_coef = -1.0  # KL weight of one-stage arms; < 0: loss.kl_coef
+  c.single.kl_coef = 0.0  # KL weight of one-stage arms (needs loss.kl_kind)
 
   # -- stage switching ------------------------------------------------------------------
   c.switch = ml_collections.ConfigDict()
@@ -136,8 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.eps_low = 0.2  # PPO clip: ratio floor 1 - eps_low [ours: 0.2]
   c.loss.eps_high = 0.2  # clip-higher when > eps_low
   c.loss.dual_clip_c = 0.0  # 0 = off; else the dual-clip constant (> 1)
-  c.loss.kl_kind = "none"  # none | k1 | k2 | k3
-  c.loss.kl_coef = 0.0  # weight of the KL term (needs kl_kind); 0: no KL, no reference
+  c.loss.kl_kind = "none"  # KL estimator to the reference: none | k1 | k2 | k3 (weights: per stage)
   c.loss.entropy_coef = 0.0  # entropy bonus weight
   c.loss.agg_mode = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
   c.loss.entropy_select = "off"  # off | restrict | reweight (top-rho entropy tokens)
@@ -177,6 +173,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_samples = 1  # samples per evaluation prompt
   c.eval.temperature = 0.6  # evaluation sampling temperature
   c.eval.top_p = 0.95  # evaluation nucleus filter
+  c.eval.max_new_tokens = 1024  # evaluation budget (also the exported generation_config's)
   return c
 
 
@@ -206,6 +203,7 @@ def r1_distill_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   c.eval.every = 50
   c.eval.num_prompts = 500
   c.eval.num_samples = 4
+  c.eval.max_new_tokens = 8192  # the training limit L (the benchmark protocol's 32k: evaluate)
   return c
 
 
@@ -261,47 +259,65 @@ def _unknown(key, parent, name) -> str:
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-  if c.arm not in ARMS:
-    raise ValueError(f"arm={c.arm!r} does not exist; choose one of {ARMS}")
-  if c.rollout.num_samples < 1:
-    raise ValueError(f"rollout.num_samples={c.rollout.num_samples}: need G >= 1")
-  if c.rollout.max_new_tokens < 1:
-    raise ValueError(f"rollout.max_new_tokens={c.rollout.max_new_tokens}: need L >= 1")
-  if c.rollout.recompute_old_logprobs not in ("auto", "always", "never"):
-    raise ValueError(
-      f"rollout.recompute_old_logprobs={c.rollout.recompute_old_logprobs!r}: use auto, always "
-      "or never"
-    )
-  if c.switch.mode not in ("fixed", "entropy"):
-    raise ValueError(f"switch.mode={c.switch.mode!r}: use fixed or entropy")
+  """The checks of keys that no plan dataclass validates itself."""
   if c.grading.mode not in ("math", "exact"):
     raise ValueError(f"grading.mode={c.grading.mode!r}: use math or exact")
   if c.compress.advantage not in ("absolute", "group"):
     raise ValueError(f"compress.advantage={c.compress.advantage!r}: use absolute or group")
-  if c.compress.shaping not in ("exp", "linear"):
-    raise ValueError(f"compress.shaping={c.compress.shaping!r}: use exp or linear")
-  for section in ("compress", "enhance", "single"):
-    coef = c[section].kl_coef
-    if coef > 0 and c.loss.kl_kind == "none":
-      raise ValueError(
-        f"{section}.kl_coef={coef} > 0 but loss.kl_kind='none': set loss.kl_kind=k3 (or k1/k2) "
-        "to choose the KL estimator"
-      )
-  if c.optim.micro_batch_rows:
-    rows = c.data.prompts_per_step * c.rollout.num_samples
-    if rows % c.optim.micro_batch_rows:
-      raise ValueError(
-        f"optim.micro_batch_rows={c.optim.micro_batch_rows} must divide the rollout batch "
-        f"(prompts_per_step * num_samples = {rows})"
-      )
+  if c.model.hf_path and (c.model.hidden_size or c.model.num_layers):
+    raise ValueError(
+      f"model.hidden_size={c.model.hidden_size} / model.num_layers={c.model.num_layers} "
+      f"reshape a random-init preset, but model.hf_path={c.model.hf_path!r} loads a "
+      "checkpoint; drop one of them"
+    )
 
 
 def finalize(c: ml_collections.ConfigDict, arg: str | None = None) -> ml_collections.ConfigDict:
-  """Apply overrides, validate, and lock the config (no new keys after this)."""
+  """Apply overrides, resolve the derived keys, validate by building the run's plan (a bad
+  combination fails here, naming the key), and lock the config (no new keys after this).
+
+  Derived: model.tokenizer_path defaults to model.hf_path."""
   apply_overrides(c, arg)
+  if not c.model.tokenizer_path:
+    c.model.tokenizer_path = c.model.hf_path
   validate(c)
+  build_plan(c)
   c.lock()
   return c
+
+
+def dataclass_section(obj) -> ml_collections.ConfigDict:
+  """A config section of a dataclass instance's fields (configs/toy.py's sft, task, cot and
+  pipeline sections): the dataclass declares each key once, with its comment."""
+  return ml_collections.ConfigDict({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+
+
+def from_section(cls, section: ml_collections.ConfigDict, **fixed):
+  """The dataclass `cls` built from its config section (`dataclass_section`), plus `fixed`."""
+  values = {f.name: section[f.name] for f in dataclasses.fields(cls) if f.name not in fixed}
+  return cls(**values, **fixed)
+
+
+def split_presets(arg: str | None, presets) -> tuple[list[str], str]:
+  """("quick", ...) presets and the key=value overrides of a `get_config` arg: the leading
+  items without "=" name presets (big_vision style), e.g. "quick,compress.steps=3"."""
+  names, rest = [], []
+  for item in (x.strip() for x in (arg or "").split(",")):
+    if not item:
+      continue
+    if "=" in item or rest:
+      rest.append(item)
+    elif item in presets:
+      names.append(item)
+    else:
+      raise ValueError(f"config preset {item!r} is unknown; presets: {sorted(presets)}")
+  return names, ",".join(rest)
+
+
+def load_config_spec(spec: str) -> ml_collections.ConfigDict:
+  """The config of `configs/<file>.py[:<arg>]`, as the --config flag of every command reads it."""
+  path, _, arg = spec.partition(":")
+  return load_config_file(path, arg or None)
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -335,5 +351,24 @@ def doc_table() -> str:
   return "\n".join(rows)
 
 
+def update_doc(path: str) -> None:
+  """Replace the key table in the markdown file `path` (docs/config.md) by `doc_table()`."""
+  import pathlib
+
+  p = pathlib.Path(path)
+  lines = p.read_text().splitlines()
+  start = lines.index("| key | default | meaning |")
+  end = start
+  while end < len(lines) and lines[end].startswith("|"):
+    end += 1
+  p.write_text("\n".join(lines[:start] + doc_table().splitlines() + lines[end:]) + "\n")
+
+
 if __name__ == "__main__":
-  print(doc_table())
+  import sys
+
+  # `python -m egrc_jax.trainer.config` prints the table; `... docs/config.md` rewrites it there.
+  if len(sys.argv) > 1:
+    update_doc(sys.argv[1])
+  else:
+    print(doc_table())

@@ -1,5 +1,6 @@
 """The run's final model as a Hugging Face directory, with its tokenizer and the
-evaluation sampling settings as generation_config.json."""
+evaluation's sampling settings (eval.temperature, eval.top_p, eval.max_new_tokens: the same
+keys the run's figures use) as generation_config.json."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def export_final(trainer, out_dir: str) -> str:
         "do_sample": True,
         "temperature": c.eval.temperature,
         "top_p": c.eval.top_p,
-        "max_new_tokens": c.rollout.max_new_tokens,
+        "max_new_tokens": c.eval.max_new_tokens,
       },
       overwrite=True,
     )

@@ -1,20 +1,40 @@
-"""Building a run's parts from its config: mesh, tokenizer, policy, data, grader, loss.
+"""Building a run's parts from its config and plan: mesh, tokenizer, policy, data, grader,
+and the `Run` that holds them (what every function of the loop reads).
 
-Each function reads only the config keys it names; `Trainer` wires them together.
+`prepare(config, workdir)` loads and checks everything before it writes anything: a refused
+run (a wrong path, a checkpoint of another shape) leaves the workdir as it was, or absent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from egrc_jax import hf, losses
+from egrc_jax import hf
 from egrc_jax.data import chat
 from egrc_jax.data.pipeline import DataConfig, PromptPipeline, load_examples
 from egrc_jax.grading import GraderPool, extract_answer
-from egrc_jax.model import get_preset
-from egrc_jax.sharding import init_model, make_mesh
+from egrc_jax.model import ModelConfig, get_preset
+from egrc_jax.sampler import decode_texts
+from egrc_jax.sharding import gather_rows, init_model, make_mesh, process_rows
+from egrc_jax.trainer import diagnostics
+from egrc_jax.trainer.checkpoint import (
+  Checkpointer,
+  CheckpointError,
+  check_model_shape,
+  check_writable,
+  latest_complete_step,
+  read_meta,
+)
+from egrc_jax.trainer.metrics import MetricsWriter
+from egrc_jax.trainer.plan import EvalPlan, RunPlan, StagePlan, bind_tokens, build_plan
+from egrc_jax.trainer.step import Programs
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +53,14 @@ def load_tokenizer(c):
 
 
 def load_policy(c, mesh):
-  """(ModelConfig, sharded Transformer) from model.hf_path, or a random-init preset."""
-  overrides = {
-    k: v for k, v in (("dtype", c.model.dtype), ("param_dtype", c.model.param_dtype)) if v
-  }
+  """(ModelConfig, sharded Transformer) from model.hf_path, or a random-init preset
+  (model.hidden_size / model.num_layers, when set, reshape the preset)."""
+  dtypes = {"dtype": c.model.dtype, "param_dtype": c.model.param_dtype}
   if c.model.hf_path:
-    cfg, model = hf.load_model(c.model.hf_path, mesh=mesh, **overrides)
-  else:
-    shape = {k: v for k in ("hidden_size", "num_layers") if (v := c.model[k])}
-    cfg = get_preset(c.model.preset, **overrides, **shape)
-    model = init_model(cfg, mesh, seed=c.seed)
-  return cfg, model
+    return hf.load_model(c.model.hf_path, mesh=mesh, **dtypes)
+  shape = {k: v for k in ("hidden_size", "num_layers") if (v := c.model[k])}
+  cfg = get_preset(c.model.preset, **dtypes, **shape)
+  return cfg, init_model(cfg, mesh, seed=c.seed)
 
 
 def check_tokenizer(tokenizer, model_cfg) -> None:
@@ -54,45 +71,6 @@ def check_tokenizer(tokenizer, model_cfg) -> None:
       f"{model_cfg.vocab_size}: this tokenizer does not belong to this model; point "
       "model.tokenizer_path at the model's own tokenizer"
     )
-
-
-def loss_config(c) -> losses.LossConfig:
-  l = c.loss
-  return losses.LossConfig(
-    eps_low=l.eps_low,
-    eps_high=l.eps_high,
-    dual_clip_c=l.dual_clip_c or None,
-    kl_kind=None if l.kl_kind == "none" else l.kl_kind,
-    kl_coef=l.kl_coef,
-    entropy_coef=l.entropy_coef,
-    agg_mode=l.agg_mode,
-    max_len_norm=c.rollout.max_new_tokens,
-    entropy_select=l.entropy_select,
-    rho=l.rho,
-    high_entropy_weight=l.high_entropy_weight,
-    vocab_chunk=l.vocab_chunk,
-  )
-
-
-def _data_config(c, benchmark, source, gold_rule, shuffle) -> DataConfig:
-  d = c.data
-  return DataConfig(
-    benchmark=benchmark,
-    source=source,
-    gold_rule=gold_rule,
-    data_root=d.data_root,
-    batch_size=d.prompts_per_step,
-    max_prompt_tokens=d.max_prompt_tokens,
-    seed=c.seed,
-    shuffle=shuffle,
-    on_bad_row=d.on_bad_row,
-    instruction=d.instruction,
-    system_prompt=d.system_prompt,
-    # Every process iterates the same global batches (prompts are small): the run is then
-    # the same for any process count, and each process grades only its own rows.
-    shard_index=0,
-    shard_count=1,
-  )
 
 
 class PromptStream:
@@ -128,9 +106,7 @@ class PromptSet:
     return self._examples
 
 
-def train_prompts(c, tokenizer) -> PromptStream:
-  d = c.data
-  cfg = _data_config(c, d.train_benchmark, d.train_source, d.train_gold_rule, d.shuffle)
+def train_prompts(cfg: DataConfig, tokenizer) -> PromptStream:
   pipeline = PromptPipeline(cfg, tokenizer)
   log.info(
     "training prompts: %d (filtered %d long, %d bad rows)",
@@ -141,17 +117,16 @@ def train_prompts(c, tokenizer) -> PromptStream:
   return PromptStream(pipeline)
 
 
-def eval_prompts(c, tokenizer) -> PromptSet | None:
-  d = c.data
-  if c.eval.num_prompts <= 0 or not (d.eval_benchmark or d.eval_source):
+def eval_prompts(cfg: DataConfig | None, tokenizer, num_prompts: int) -> PromptSet | None:
+  """The first `num_prompts` evaluation problems that fit max_prompt_tokens, tokenized."""
+  if cfg is None:
     return None
-  cfg = _data_config(c, d.eval_benchmark, d.eval_source, d.eval_gold_rule, False)
   examples = []
   for ex in load_examples(cfg).examples:
-    ids = chat.encode_prompt(tokenizer, ex["problem"], d.instruction, d.system_prompt)
-    if len(ids) <= d.max_prompt_tokens:
+    ids = chat.encode_prompt(tokenizer, ex["problem"], cfg.instruction, cfg.system_prompt)
+    if len(ids) <= cfg.max_prompt_tokens:
       examples.append({**ex, "prompt_ids": list(ids)})
-    if len(examples) == c.eval.num_prompts:
+    if len(examples) == num_prompts:
       break
   return PromptSet(examples)
 
@@ -162,8 +137,8 @@ class Grader:
   think_open: the prompts end inside a think block (`chat.opens_think`), so a response
   without `</think>` has no answer."""
 
-  def __init__(self, c, think_open: bool = False):
-    self.think_open = think_open
+  def __init__(self, c, tokenizer, think_open: bool = False):
+    self.tokenizer, self.think_open = tokenizer, think_open
     self.pool = GraderPool(
       num_workers=c.grading.workers, timeout_s=c.grading.timeout_s, mode=c.grading.mode
     )
@@ -171,12 +146,19 @@ class Grader:
   def grade(self, texts: list[str], golds: list[str]) -> list[bool]:
     return self.pool.grade([extract_answer(t, self.think_open) for t in texts], golds)
 
+  def grade_rollout(self, rollout, golds: list[str]) -> np.ndarray:
+    """Correctness [B] of a (host) rollout's rows: each process decodes and grades its own
+    rows, and every process gets all verdicts."""
+    rows = process_rows(len(golds))
+    texts = decode_texts(jax.tree.map(lambda x: x[rows], rollout), self.tokenizer)
+    return gather_rows(np.asarray(self.grade(texts, golds[rows]), bool))
+
   def close(self):
     self.pool.close()
 
 
 def make_grader(c, tokenizer) -> Grader:
-  return Grader(c, think_open=chat.opens_think(tokenizer))
+  return Grader(c, tokenizer, think_open=chat.opens_think(tokenizer))
 
 
 BYTE_TOKENIZER = "bytes"  # model.tokenizer_path value for the built-in byte-level tokenizer
@@ -204,3 +186,104 @@ def byte_tokenizer():
       "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     ),
   )
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+  """A run's parts, loaded and checked (`prepare`); the loop's functions read them."""
+
+  config: object  # the finalized ConfigDict (written to <workdir>/config.json)
+  plan: RunPlan
+  workdir: str
+  stages: tuple[StagePlan, ...]  # the plan's stages, bound to the tokenizer's stop tokens
+  eval: EvalPlan  # likewise
+  mesh: jax.sharding.Mesh | None
+  tokenizer: object
+  model_cfg: ModelConfig
+  graphdef: nnx.GraphDef
+  params: nnx.State  # the starting policy params
+  ref_params: nnx.State | None  # the frozen reference (a copy), when some stage has KL
+  train_data: PromptStream
+  eval_data: PromptSet | None
+  connector_ids: np.ndarray
+  programs: Programs
+  grader: Grader | None = None  # opened by `open`
+  ckpt: Checkpointer | None = None
+  writer: MetricsWriter | None = None
+
+  def open(self) -> None:
+    """Create the workdir and open what writes into it (after every check passed)."""
+    c = self.config
+    check_writable(self.workdir)
+    self.ckpt = Checkpointer(self.workdir, c.checkpoint.keep)
+    if jax.process_index() == 0:
+      with open(os.path.join(self.workdir, "config.json"), "w") as f:
+        f.write(c.to_json(indent=1))
+    self.writer = MetricsWriter(self.workdir, self.plan.total_steps, c.log.tensorboard)
+    self.grader = make_grader(c, self.tokenizer)
+
+  def close(self) -> None:
+    for part in (self.grader, self.ckpt, self.writer):
+      if part is not None:
+        part.close()
+
+  @property
+  def model(self):
+    """The starting policy as a module (what a finished re-run replaces by its final one)."""
+    return nnx.merge(self.graphdef, self.params)
+
+
+def check_existing_run(workdir: str, plan: RunPlan, model_cfg: ModelConfig) -> None:
+  """A workdir that holds checkpoints resumes only the same stage layout and model shape."""
+  latest = latest_complete_step(workdir)
+  if latest is None:
+    return
+  ckpts = os.path.join(workdir, "checkpoints")
+  meta = read_meta(os.path.join(ckpts, str(latest)))
+  if meta.get("stage_names") != plan.stage_names:
+    raise CheckpointError(
+      f"the checkpoint in {workdir} belongs to a run with stages {meta.get('stage_names')}, "
+      f"not {plan.stage_names}; use a fresh --workdir"
+    )
+  check_model_shape(meta.get("model_config", {}), model_cfg, f"checkpoint step {latest} in {ckpts}")
+
+
+def prepare(config, workdir: str) -> Run:
+  """Everything a run needs, loaded and checked; nothing written yet (`Run.open` does)."""
+  check_writable(workdir, create=False)
+  c, plan = config, build_plan(config)
+  mesh = mesh_from_config(c)
+  tokenizer = load_tokenizer(c)
+  model_cfg, model = load_policy(c, mesh)
+  check_tokenizer(tokenizer, model_cfg)
+  stop, pad = chat.stop_ids(tokenizer, model_cfg), chat.pad_id(tokenizer)
+  stages = tuple(
+    dataclasses.replace(s, sampling=bind_tokens(s.sampling, stop, pad)) for s in plan.stages
+  )
+  ev = dataclasses.replace(plan.eval, sampling=bind_tokens(plan.eval.sampling, stop, pad))
+  graphdef, params = nnx.split(model, nnx.Param)
+  use_ref = any(s.loss.kl_kind is not None for s in stages)
+  # The frozen reference: the run's starting params (a copy: the policy's are donated).
+  ref_params = jax.tree.map(jnp.copy, params) if use_ref else None
+  run = Run(
+    config=c,
+    plan=plan,
+    workdir=workdir,
+    stages=stages,
+    eval=ev,
+    mesh=mesh,
+    tokenizer=tokenizer,
+    model_cfg=model_cfg,
+    graphdef=graphdef,
+    params=params,
+    ref_params=ref_params,
+    train_data=train_prompts(plan.data.train, tokenizer),
+    eval_data=eval_prompts(plan.data.eval, tokenizer, plan.eval.num_prompts),
+    connector_ids=diagnostics.connector_token_ids(tokenizer, c.log.connectors),
+    programs=Programs(graphdef, params, plan.optim, c.loss.vocab_chunk, mesh),
+  )
+  check_existing_run(workdir, plan, model_cfg)
+  return run

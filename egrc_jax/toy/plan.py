@@ -1,0 +1,124 @@
+"""The toy reproduction's settings, read from the sections of configs/toy.py.
+
+configs/toy.py is one config: the trainer's keys (the RL arms), plus the sections
+  sft       SftConfig: the warm-start model and its optimisation (toy/sft.py)
+  task      TaskConfig: the problem distribution (toy/task.py)
+  cot       CotConfig: the verbose chains of thought of the SFT data (toy/task.py)
+  pipeline  PipelineConfig (below): the seeds and the report's extras
+and the trainer's `eval` section, which is the evaluation of every model (one temperature,
+one budget, eval.num_prompts held-out problems) and of the exported generation config.
+`toy_plan(config)` builds the typed settings once; `arm_config` derives each RL arm's
+config from the same ConfigDict (no override strings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import ml_collections
+
+from egrc_jax.toy.sft import SftConfig
+from egrc_jax.toy.task import CotConfig, TaskConfig
+from egrc_jax.trainer.config import finalize, from_section
+
+RL_ARMS = ("egrc", "ee", "reverse")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  seeds: tuple[int, ...] = (0,)  # one run of every phase per seed (SFT seed = RL seed)
+  high_entropy_prompts: int = 250  # test problems whose samples feed the high-entropy list
+  hf_check_prompts: int = 3  # test prompts of the transformers-vs-sampler export check
+
+  def __post_init__(self):
+    if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+      raise ValueError(f"pipeline.seeds={self.seeds}: give one or more distinct seeds")
+    if self.high_entropy_prompts < 1 or self.hf_check_prompts < 1:
+      raise ValueError(
+        f"pipeline.high_entropy_prompts={self.high_entropy_prompts} and "
+        f"pipeline.hf_check_prompts={self.hf_check_prompts} must be >= 1"
+      )
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyPlan:
+  config: ml_collections.ConfigDict  # the whole config (the arms derive theirs from it)
+  sft: SftConfig
+  task: TaskConfig
+  cot: CotConfig
+  pipeline: PipelineConfig
+  eval_temperature: float  # eval.temperature (0: greedy)
+  eval_max_new_tokens: int  # eval.max_new_tokens
+  num_test: int  # eval.num_prompts: the held-out problems every model answers
+  rho: float  # loss.rho: the high-entropy quantile of the token lists
+
+  @property
+  def seeds(self) -> tuple[int, ...]:
+    return self.pipeline.seeds
+
+
+def toy_plan(c: ml_collections.ConfigDict) -> ToyPlan:
+  """The typed toy settings of a configs/toy.py config (ValueError naming the section)."""
+  for name in ("sft", "task", "cot", "pipeline"):
+    if name not in c:
+      raise ValueError(
+        f"the config has no '{name}' section: the toy commands read configs/toy.py "
+        "(--config=configs/toy.py[:overrides])"
+      )
+  parts = {}
+  for name, cls in (("sft", SftConfig), ("task", TaskConfig), ("cot", CotConfig),
+                    ("pipeline", PipelineConfig)):  # fmt: skip
+    try:
+      parts[name] = from_section(cls, c[name])
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"config section '{name}': {e}") from None
+  if c.eval.num_prompts < 1:
+    raise ValueError(f"eval.num_prompts={c.eval.num_prompts}: the toy evaluates >= 1 problem")
+  return ToyPlan(
+    config=c,
+    **parts,
+    eval_temperature=c.eval.temperature,
+    eval_max_new_tokens=c.eval.max_new_tokens,
+    num_test=c.eval.num_prompts,
+    rho=c.loss.rho,
+  )
+
+
+def arm_config(c: ml_collections.ConfigDict, arm: str, seed: int, seed_dir):
+  """The RL config of one arm of one seed: the toy config with its SFT model and data."""
+  seed_dir = pathlib.Path(seed_dir)
+  a = c.copy_and_resolve_references()
+  a.unlock()
+  a.arm, a.seed = arm, seed
+  a.model.hf_path = a.model.tokenizer_path = str(seed_dir / "sft")
+  a.data.train_source = str(seed_dir / "data" / "train.jsonl")
+  a.data.eval_source = str(seed_dir / "data" / "test.jsonl")
+  a.export.hf = True
+  if arm == "egrc":
+    # Keep every checkpoint: stage 1's end is the compress-only model (a few MB each).
+    a.checkpoint.keep = 1000
+  return finalize(a)
+
+
+def quick(c: ml_collections.ConfigDict) -> None:
+  """The `quick` preset (tests/test_pipeline.py): a tiny SFT model trained for a few steps,
+  2 RL steps per stage, 50 test problems; every phase runs in about a minute on 2 cores.
+  Fewer re-checks keep responses within 64 tokens, and 150 SFT steps give a few correct
+  answers, so the RL rewards are not all zero."""
+  c.sft.update(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+               num_train=256, steps=150, batch_size=16, learning_rate=1e-2, log_every=50,
+               pad_multiple=256)  # fmt: skip
+  c.cot.recheck_prob = 0.3
+  c.eval.num_prompts = 50
+  c.eval.max_new_tokens = 64
+  c.rollout.max_new_tokens = 64
+  c.compress.steps = c.enhance.steps = c.single.steps = 2
+  c.data.prompts_per_step = 8
+  c.rollout.num_samples = 4
+  c.checkpoint.every = 1
+  c.grading.workers = 1
+  c.pipeline.high_entropy_prompts = 50
+
+
+PRESETS = {"quick": quick}
