@@ -195,9 +195,9 @@ def test_entropy_grad_cli_and_teacher_forcing(tiny_model, tmp_path, shared_data,
                                                          str(shared_data))  # fmt: skip
   stats = sampling.teacher_forced_stats(model, rollout, 1.0)
   mask = np.asarray(rollout.completion_mask_BC)
-  np.testing.assert_allclose(np.asarray(stats.entropy_BT)[mask],
+  np.testing.assert_allclose(np.asarray(stats.entropy_BC)[mask],
                              np.asarray(rollout.entropy_BC)[mask], atol=1e-4)  # fmt: skip
-  np.testing.assert_allclose(np.asarray(stats.logp_BT)[mask],
+  np.testing.assert_allclose(np.asarray(stats.logp_BC)[mask],
                              np.asarray(rollout.policy_logprobs_BC)[mask], atol=1e-4)  # fmt: skip
   # high_entropy_tokens from fresh samples of the model (same sampler shapes: no new compile).
   out2 = tmp_path / "fig2"

@@ -107,9 +107,9 @@ def test_from_logits_hand_values():
   # = .5623351; sum p^2 = .0625 + .5625 = .625. Same distribution from [0, 2 ln 3] at T = 2.
   for logits, temp in (([0.0, math.log(3)], 1.0), ([0.0, 2 * math.log(3)], 2.0)):
     s = L.token_stats_from_logits(jnp.array([[logits]]), jnp.array([[1]]), temp)
-    close(s.logp_BT, [[math.log(0.75)]])
-    close(s.entropy_BT, [[0.5623351446]])
-    close(s.sum_p2_BT, [[0.625]])
+    close(s.logp_BC, [[math.log(0.75)]])
+    close(s.entropy_BC, [[0.5623351446]])
+    close(s.sum_p2_BC, [[0.625]])
   # Uniform over 4: H = ln 4, log p = -ln 4.
   lp, h = L.logprobs_and_entropy_from_logits(jnp.zeros((1, 1, 4)), jnp.array([[2]]))
   close(lp, [[-math.log(4)]])
@@ -152,8 +152,8 @@ def test_chunked_equals_unchunked(head, chunk):
     close(a, b, CHUNK_TOL)
   for a, b in zip(g_got, g_want, strict=True):
     close(a, b, CHUNK_TOL)
-  close(lp, want.logp_BT, CHUNK_TOL)
-  close(ent, want.entropy_BT, CHUNK_TOL)
+  close(lp, want.logp_BC, CHUNK_TOL)
+  close(ent, want.entropy_BC, CHUNK_TOL)
 
 
 def test_chunked_bf16_dtypes_and_shape_errors(head):
@@ -162,10 +162,10 @@ def test_chunked_bf16_dtypes_and_shape_errors(head):
   gh, gw = jax.grad(lambda h, w: _combo(L.token_stats(h, w, t, 1.0, 16)), (0, 1))(hb, wb)
   assert gh.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16
   s = L.token_stats(hb, wb, t, 1.0, 16)
-  assert s.logp_BT.dtype == jnp.float32
+  assert s.logp_BC.dtype == jnp.float32
   # bf16 inputs, float32 accumulation: within bf16 input rounding (2^-8 relative) of float32.
   ref = L.token_stats_from_logits(hb.astype(jnp.float32) @ wb.astype(jnp.float32), t)
-  close(s.logp_BT, ref.logp_BT, 1e-4)
+  close(s.logp_BC, ref.logp_BC, 1e-4)
   with pytest.raises(ValueError, match="first axis must be D=8"):
     L.token_stats(h, w.T, t)
   with pytest.raises(ValueError, match="chunk_size=0"):
@@ -190,12 +190,12 @@ def _ppo_case(dual):
 def test_ppo_clip_hand_values_and_indicators():
   loss, clip = _ppo_case(3.0)
   close(loss, [[-1.28, -0.5, 0.8, 1.5, 3.0, 2.0]])
-  assert clip.high_BT.tolist() == [[True, False, False, False, False, False]]
-  assert clip.low_BT.tolist() == [[False, False, True, False, False, False]]
-  assert clip.dual_BT.tolist() == [[False, False, False, False, True, False]]
+  assert clip.high_BC.tolist() == [[True, False, False, False, False, False]]
+  assert clip.low_BC.tolist() == [[False, False, True, False, False, False]]
+  assert clip.dual_BC.tolist() == [[False, False, False, False, True, False]]
   loss_nodual, clip_nodual = _ppo_case(None)
   close(loss_nodual, [[-1.28, -0.5, 0.8, 1.5, 4.0, 2.0]])  # r=4, A=-1: unbounded, l = 4
-  assert not clip_nodual.dual_BT.any()
+  assert not clip_nodual.dual_BC.any()
   with pytest.raises(ValueError, match="dual_clip_c=0.5"):
     L.ppo_clip_objective(jnp.zeros(1), jnp.zeros(1), jnp.ones(1), 0.2, 0.2, 0.5)
 
@@ -339,22 +339,22 @@ def test_logit_grad_norm_equals_autodiff(off_policy):
   tgt = jax.random.randint(k[1], (2, 6), 0, 7)
   adv = jax.random.normal(k[2], (2, 6))
   stats = L.token_stats_from_logits(z, tgt)
-  old = stats.logp_BT
+  old = stats.logp_BC
   if off_policy:  # shift old so that some tokens are clipped (r outside [.8, 1.2])
     old = old + 0.4 * jax.random.normal(k[3], (2, 6))
 
   def per_token_loss_sum(z):
-    lp = L.token_stats_from_logits(z, tgt).logp_BT
+    lp = L.token_stats_from_logits(z, tgt).logp_BC
     return jnp.sum(L.ppo_clip_objective(lp, old, adv, 0.2, 0.2)[0])
 
   # Token (b, t)'s loss depends only on z[b, t], so the gradient of the sum is per token.
   want = jnp.linalg.norm(jax.jit(jax.grad(per_token_loss_sum))(z), axis=-1)
-  _, clip = L.ppo_clip_objective(stats.logp_BT, old, adv, 0.2, 0.2)
-  ratio = jnp.exp(stats.logp_BT - old) if off_policy else None
-  got = L.logit_grad_norm(adv, stats.logp_BT, stats.sum_p2_BT, clip.any_BT, ratio)
+  _, clip = L.ppo_clip_objective(stats.logp_BC, old, adv, 0.2, 0.2)
+  ratio = jnp.exp(stats.logp_BC - old) if off_policy else None
+  got = L.logit_grad_norm(adv, stats.logp_BC, stats.sum_p2_BC, clip.any_BC, ratio)
   close(got, want, 1e-5)  # sqrt(1 - 2 p_a + q) vs a 7-term norm: a few float32 ulps
   if off_policy:
-    assert bool(clip.any_BT.any()) and bool((got[clip.any_BT] == 0).all())
+    assert bool(clip.any_BC.any()) and bool((got[clip.any_BC] == 0).all())
 
 
 # -- LossConfig and the loss composition ------------------------------------------------------
@@ -429,7 +429,7 @@ def test_batch_loss_composes_the_parts(batch):
   assert set(metrics) == set(L.TOKEN_STAT_NAMES)
   # The KL term needs reference logprobs.
   w, s = L.loss_weights(b["mask"], None, b["ent"], cfg)
-  with pytest.raises(ValueError, match="needs ref_logp_BT"):
+  with pytest.raises(ValueError, match="needs ref_logp_BC"):
     L.batch_loss(b["logp"], b["ent"], b["old"], None, adv, w, s, cfg)
 
 

@@ -92,10 +92,10 @@ def run(model: str, prompts: str, out: str, settings: sampling.SampleSettings, d
   mask_BC = sampling.host(rollout.completion_mask_BC)
   adv_BC = np.broadcast_to(adv_B[:, None], mask_BC.shape)
   grad_BC = sampling.host(
-    losses.logit_grad_norm(jnp.asarray(adv_BC), stats.logp_BT, stats.sum_p2_BT,
+    losses.logit_grad_norm(jnp.asarray(adv_BC), stats.logp_BC, stats.sum_p2_BC,
                            jnp.zeros(mask_BC.shape, bool))
   )  # fmt: skip
-  ent_BC = sampling.host(stats.entropy_BT)
+  ent_BC = sampling.host(stats.entropy_BC)
   ent1_BC = sampling.host(rollout.entropy_BC)
   summary = token_table(ent_BC, ent1_BC, grad_BC, adv_B, mask_BC)
   summary.update(

@@ -1,6 +1,6 @@
 """Loss aggregation over tokens and rows, written as per-token weights.
 
-Shape letters: B rows, T completion length.
+Shape letters: B rows, C completion length.
 
 Every mode is a weighted sum  L = sum_{b,t} w_bt l_bt  with w_bt = 0 off the training tokens,
 so the train step can compute the weights for the whole batch once and accumulate
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
-def _masks(mask_BT, sample_mask_B, exclude_masked_from_denominator):
-  mask = mask_BT.astype(bool)
+def _masks(mask_BC, sample_mask_B, exclude_masked_from_denominator):
+  mask = mask_BC.astype(bool)
   if sample_mask_B is None:
     return mask, mask
   num = mask & sample_mask_B.astype(bool)[:, None]
@@ -33,21 +33,21 @@ def _masks(mask_BT, sample_mask_B, exclude_masked_from_denominator):
 
 
 def aggregation_weights(
-  mask_BT: jax.Array,
+  mask_BC: jax.Array,
   mode: str,
   *,
   sample_mask_B: jax.Array | None = None,
   exclude_masked_from_denominator: bool = True,
   max_len: int | None = None,
 ) -> jax.Array:
-  """Per-token weights w_bt [B, T] (float32) of the aggregation `mode` (formulas above).
+  """Per-token weights w_bt [B, C] (float32) of the aggregation `mode` (formulas above).
 
   sample_mask_B: rows that get gradient (stage 1 positive-only: R > 0); None = all rows.
   exclude_masked_from_denominator: True (default [ours]): excluded rows' tokens do not count
   in denominators; False: they do (so the update is scaled down by the excluded share).
   max_len: the constant length of "seq-mean-token-sum-norm" (the rollout's max_new_tokens).
   """
-  num, den = _masks(mask_BT, sample_mask_B, exclude_masked_from_denominator)
+  num, den = _masks(mask_BC, sample_mask_B, exclude_masked_from_denominator)
   numf = num.astype(jnp.float32)
   if mode == "token-mean":
     return numf / jnp.maximum(jnp.sum(den), 1).astype(jnp.float32)
@@ -63,8 +63,8 @@ def aggregation_weights(
 
 
 def aggregate(
-  loss_BT: jax.Array,
-  mask_BT: jax.Array,
+  loss_BC: jax.Array,
+  mask_BC: jax.Array,
   mode: str,
   *,
   sample_mask_B: jax.Array | None = None,
@@ -74,16 +74,16 @@ def aggregate(
   """Scalar sum_{b,t} w_bt l_bt with `aggregation_weights`. Tokens with w = 0 are dropped by
   `where`, so non-finite values there neither reach the loss nor its gradient."""
   w = aggregation_weights(
-    mask_BT,
+    mask_BC,
     mode,
     sample_mask_B=sample_mask_B,
     exclude_masked_from_denominator=exclude_masked_from_denominator,
     max_len=max_len,
   )
-  return weighted_sum(loss_BT, w)
+  return weighted_sum(loss_BC, w)
 
 
-def weighted_sum(loss_BT: jax.Array, weight_BT: jax.Array) -> jax.Array:
+def weighted_sum(loss_BC: jax.Array, weight_BC: jax.Array) -> jax.Array:
   """sum w * l over the tokens with w != 0 (exactly zero gradient to the others)."""
-  keep = weight_BT != 0
-  return jnp.sum(jnp.where(keep, loss_BT.astype(jnp.float32) * weight_BT, 0.0))
+  keep = weight_BC != 0
+  return jnp.sum(jnp.where(keep, loss_BC.astype(jnp.float32) * weight_BC, 0.0))

@@ -101,61 +101,61 @@ def _broadcast_adv(advantages: jax.Array, shape: tuple[int, int]) -> jax.Array:
 
 
 def token_loss(
-  logp_BT: jax.Array,
-  entropy_BT: jax.Array,
-  old_logp_BT: jax.Array,
-  ref_logp_BT: jax.Array | None,
+  logp_BC: jax.Array,
+  entropy_BC: jax.Array,
+  old_logp_BC: jax.Array,
+  ref_logp_BC: jax.Array | None,
   advantages: jax.Array,
   cfg: LossConfig,
-  select_BT: jax.Array | None = None,
-  valid_BT: jax.Array | None = None,
+  select_BC: jax.Array | None = None,
+  valid_BC: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Per-token loss l_bt (module docstring) and per-token statistics (TOKEN_STAT_NAMES).
 
-  advantages: [B] (broadcast over tokens) or [B, T]. select_BT: the entropy selection factor
+  advantages: [B] (broadcast over tokens) or [B, C]. select_BC: the entropy selection factor
   s (None = 1), computed for the whole batch beforehand when micro-batching.
-  valid_BT: the tokens whose loss counts (weight != 0); elsewhere the behaviour and
+  valid_BC: the tokens whose loss counts (weight != 0); elsewhere the behaviour and
   reference logprobs are replaced by the policy's own (ratio 1, KL 0) and the loss is 0. A
   masked-out slot can hold anything (k3's exp(ref - logp) overflows on a pad slot whose ref
   is 0 and logp -100): multiplying by a zero weight does not help, because 0 * inf is NaN in
   the loss and in its gradient.
   """
-  if valid_BT is not None:
-    valid_BT = valid_BT.astype(bool)
-    own = jax.lax.stop_gradient(logp_BT)
-    old_logp_BT = jnp.where(valid_BT, old_logp_BT, own)
-    if ref_logp_BT is not None:
-      ref_logp_BT = jnp.where(valid_BT, ref_logp_BT, own)
-  adv_BT = _broadcast_adv(advantages, logp_BT.shape)
-  pg_BT, clip = ppo_clip_objective(
-    logp_BT, old_logp_BT, adv_BT, cfg.eps_low, cfg.eps_high, cfg.dual_clip_c
+  if valid_BC is not None:
+    valid_BC = valid_BC.astype(bool)
+    own = jax.lax.stop_gradient(logp_BC)
+    old_logp_BC = jnp.where(valid_BC, old_logp_BC, own)
+    if ref_logp_BC is not None:
+      ref_logp_BC = jnp.where(valid_BC, ref_logp_BC, own)
+  adv_BC = _broadcast_adv(advantages, logp_BC.shape)
+  pg_BC, clip = ppo_clip_objective(
+    logp_BC, old_logp_BC, adv_BC, cfg.eps_low, cfg.eps_high, cfg.dual_clip_c
   )
-  loss_BT = pg_BT if select_BT is None else select_BT * pg_BT
+  loss_BC = pg_BC if select_BC is None else select_BC * pg_BC
   if cfg.kl_kind is not None:
-    if ref_logp_BT is None:
-      raise ValueError(f"kl_kind={cfg.kl_kind!r} needs ref_logp_BT (reference logprobs)")
-    kl_BT = kl_penalty(cfg.kl_kind, logp_BT, ref_logp_BT)
-    loss_BT = loss_BT + cfg.kl_coef * kl_BT
+    if ref_logp_BC is None:
+      raise ValueError(f"kl_kind={cfg.kl_kind!r} needs ref_logp_BC (reference logprobs)")
+    kl_BC = kl_penalty(cfg.kl_kind, logp_BC, ref_logp_BC)
+    loss_BC = loss_BC + cfg.kl_coef * kl_BC
   else:
-    kl_BT = jnp.zeros(logp_BT.shape, jnp.float32)
+    kl_BC = jnp.zeros(logp_BC.shape, jnp.float32)
   if cfg.entropy_coef:
-    loss_BT = loss_BT - cfg.entropy_coef * entropy_BT.astype(jnp.float32)
-  if valid_BT is not None:
-    loss_BT = jnp.where(valid_BT, loss_BT, 0.0)
+    loss_BC = loss_BC - cfg.entropy_coef * entropy_BC.astype(jnp.float32)
+  if valid_BC is not None:
+    loss_BC = jnp.where(valid_BC, loss_BC, 0.0)
   sg = jax.lax.stop_gradient
   f32 = lambda x: x.astype(jnp.float32)
   stats = {
-    "pg_loss": sg(pg_BT),
-    "kl": sg(kl_BT),
-    "entropy": sg(f32(entropy_BT)),
-    "ratio": sg(jnp.exp(f32(logp_BT) - f32(old_logp_BT))),
-    "clip_frac_low": f32(clip.low_BT),
-    "clip_frac_high": f32(clip.high_BT),
-    "clip_frac_dual": f32(clip.dual_BT),
-    "clip_frac": f32(clip.any_BT),
-    "approx_kl": sg(kl_k3(old_logp_BT, logp_BT)),
+    "pg_loss": sg(pg_BC),
+    "kl": sg(kl_BC),
+    "entropy": sg(f32(entropy_BC)),
+    "ratio": sg(jnp.exp(f32(logp_BC) - f32(old_logp_BC))),
+    "clip_frac_low": f32(clip.low_BC),
+    "clip_frac_high": f32(clip.high_BC),
+    "clip_frac_dual": f32(clip.dual_BC),
+    "clip_frac": f32(clip.any_BC),
+    "approx_kl": sg(kl_k3(old_logp_BC, logp_BC)),
   }
-  return loss_BT, stats
+  return loss_BC, stats
 
 
 def loss_weights(
