@@ -39,15 +39,13 @@ def write_splits(out_dir, train, test) -> dict[str, pathlib.Path]:
 
 
 def main(argv=None) -> int:
-  from egrc_jax.toy.plan import toy_plan
-  from egrc_jax.trainer.config import load_config_spec
+  from egrc_jax.toy.plan import plan_of, toy_parser
 
-  parser = cli.Parser(prog="python -m egrc_jax.toy.data", description=__doc__)
+  parser = toy_parser("python -m egrc_jax.toy.data", __doc__)
   parser.add_argument("--out", required=True)
-  parser.add_argument("--config", default="configs/toy.py", help="configs/toy.py[:overrides]")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  plan = toy_plan(load_config_spec(args.config))
+  plan = plan_of(args)
   train, test = task_lib.make_splits(plan.task, plan.sft.num_train, plan.num_test, args.seed)
   paths = write_splits(args.out, train, test)
   for split, path in paths.items():

@@ -48,13 +48,9 @@ from egrc_jax.toy import task as task_lib
 from egrc_jax.toy import tokenizer as tok_lib
 from egrc_jax.toy.checkpoint import load_sft
 from egrc_jax.toy.evaluate import evaluate, sampling_config
-from egrc_jax.toy.plan import RL_ARMS, ToyPlan, arm_config, toy_plan
+from egrc_jax.toy.plan import DEFAULT_CONFIG, RL_ARMS, ToyPlan, arm_config, plan_of, toy_parser
 from egrc_jax.toy.sft import run_sft
 from egrc_jax.trainer.checkpoint import restore_params
-from egrc_jax.trainer.config import load_config_spec
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = str(REPO / "configs" / "toy.py")
 
 
 class Progress:
@@ -271,15 +267,14 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> cli.Parser:
-  parser = cli.Parser(prog="python -m egrc_jax.toy.pipeline", description=__doc__)
+  parser = toy_parser("python -m egrc_jax.toy.pipeline", __doc__)
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--config", default=DEFAULT_CONFIG, help="configs/toy.py[:overrides]")
   parser.add_argument("--seeds", default="", help="comma-separated, e.g. 0,1,2 (pipeline.seeds)")
   return parser
 
 
 def plan_from_args(args) -> ToyPlan:
-  plan = toy_plan(load_config_spec(args.config))
+  plan = plan_of(args)
   if args.seeds:
     pipeline = dataclasses.replace(plan.pipeline, seeds=parse_seeds(args.seeds))
     plan = dataclasses.replace(plan, pipeline=pipeline)

@@ -18,11 +18,13 @@ import pathlib
 
 import ml_collections
 
+from egrc_jax import cli
 from egrc_jax.toy.sft import SftConfig
 from egrc_jax.toy.task import CotConfig, TaskConfig
-from egrc_jax.trainer.config import finalize, from_section
+from egrc_jax.trainer.config import finalize, from_section, load_config_spec
 
 RL_ARMS = ("egrc", "ee", "reverse")
+DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "toy.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,3 +124,15 @@ def quick(c: ml_collections.ConfigDict) -> None:
 
 
 PRESETS = {"quick": quick}
+
+
+def toy_parser(prog: str, description: str) -> cli.Parser:
+  """The command line every toy command shares: --config (configs/toy.py[:overrides])."""
+  parser = cli.Parser(prog=prog, description=description)
+  parser.add_argument("--config", default=DEFAULT_CONFIG, help="configs/toy.py[:overrides]")
+  return parser
+
+
+def plan_of(args) -> ToyPlan:
+  """The ToyPlan of a toy command's --config."""
+  return toy_plan(load_config_spec(args.config))

@@ -245,15 +245,13 @@ def run_sft(plan, workdir, seed: int, log=print, evaluate_model: bool = False) -
 
 
 def main(argv=None) -> int:
-  from egrc_jax.toy.plan import toy_plan
-  from egrc_jax.trainer.config import load_config_spec
+  from egrc_jax.toy.plan import plan_of, toy_parser
 
-  parser = cli.Parser(prog="python -m egrc_jax.toy.sft", description=__doc__)
+  parser = toy_parser("python -m egrc_jax.toy.sft", __doc__)
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--config", default="configs/toy.py", help="configs/toy.py[:overrides]")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  plan = toy_plan(load_config_spec(args.config))
+  plan = plan_of(args)
   workdir = pathlib.Path(args.workdir)
   if (workdir / "sft").exists():
     raise FileExistsError(f"{workdir / 'sft'} exists; pass a new --workdir")
