@@ -448,3 +448,57 @@ def test_a_rerun_of_a_finished_run_holds_its_final_params(tmp_path, shared_data)
   assert moved > 0  # the run did train
   for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(final), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+# Keys that configure the run around the plan (model, mesh, grading, files), read once by
+# trainer/setup.py or the loop, not by build_plan.
+OUTSIDE_THE_PLAN = ("model.", "mesh.", "grading.", "checkpoint.", "log.", "export.", "run_steps")
+
+
+def test_every_plan_key_reaches_the_plan():
+  # Perturb each numeric / boolean key: some arm's RunPlan must change. A key that reaches
+  # nothing is a hidden no-op (or a setting some other place decodes on its own).
+  base = tiny("")
+  flat = {}
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      if hasattr(v, "items"):
+        walk(v, f"{prefix}{k}.")
+      else:
+        flat[prefix + k] = v
+
+  walk(base, "")
+  plans = lambda c: [build_plan(_with(c, "arm", a)) for a in config_lib.ARMS]
+  ref = plans(base)
+  unused = []
+  for key, value in sorted(flat.items()):
+    if key.startswith(OUTSIDE_THE_PLAN) or not isinstance(value, bool | int | float):
+      continue
+    new = (
+      (not value) if isinstance(value, bool) else value + (1 if isinstance(value, int) else 0.013)
+    )
+    if key == "switch.mode" or (key == "optim.micro_batch_rows" and new):
+      new = 8  # a divisor of the 8-row batch
+    try:
+      changed = plans(_with(base, key, new)) != ref
+    except ValueError:
+      changed = True  # refused: the plan reads it
+    if not changed:
+      unused.append(key)
+  # switch.*: only with switch.mode=entropy; checked there.
+  assert [k for k in unused if not k.startswith("switch.")] == []
+  entropy = _with(base, "switch.mode", "entropy")
+  for key in ("switch.window", "switch.min_drop", "switch.min_steps"):
+    assert build_plan(_with(entropy, key, flat[key] + 1)) != build_plan(entropy), key
+
+
+def _with(c, key: str, value):
+  c = c.copy_and_resolve_references()
+  c.unlock()
+  node = c
+  *parents, name = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[name] = value
+  return c
