@@ -208,6 +208,27 @@ def test_auto_is_blocked_off_tpu_and_unknown_impl_is_refused():
     attention.resolve_impl("flash", 256)
 
 
+def test_auto_follows_the_mesh_platform_for_ahead_of_time_tpu_compiles():
+  """A trace under a mesh of TPU topology devices (AOT from this CPU host) picks splash."""
+  topologies = pytest.importorskip("jax.experimental.topologies")
+  try:
+    devices = topologies.get_topology_desc("v4:2x2x1", "tpu").devices
+  except Exception as e:  # noqa: BLE001 (no libtpu here: nothing to check)
+    pytest.skip(f"no TPU topology available: {e}")
+  mesh = jax.sharding.Mesh(np.array(devices[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  seen = {}
+
+  def probe(x):
+    seen["auto"] = attention.resolve_impl("auto", 256), attention.resolve_impl("auto", 224)
+    seen["rows"] = blocked_attention.rows_per_step(8, None)
+    return x
+
+  with jax.set_mesh(mesh):
+    jax.jit(probe).trace(jax.ShapeDtypeStruct((), jnp.float32))
+  assert seen == {"auto": ("splash", "blocked"), "rows": 8}
+  assert attention.resolve_impl("auto", 256) == "blocked"  # outside: this CPU
+
+
 def test_attend_checks_shapes():
   q, k, v, _, seg = _inputs()
   with pytest.raises(ValueError, match="segment_ids"):

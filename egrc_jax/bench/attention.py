@@ -15,7 +15,8 @@ loss), since dot_product_attention gives pads a uniform average instead of 0.
 
 Whole model: one forward+backward (gradient of the mean target log-prob w.r.t. every
 parameter) of a toy-sized decoder (2 layers, hidden 64, MLP 192, vocab 300, same heads and
-rows) with each attention_impl.
+rows) with each attention_impl; "attention share" estimates attention's part of it as
+2 x that implementation's standalone forward+backward time over the model's.
 """
 
 from __future__ import annotations
@@ -175,10 +176,13 @@ def main(argv=None):
   if not a.skip_model:
     figs["model"] = model_figures(shape, ("dense", "blocked"), a.reps)
     print(f"{'model fwd+bwd (2 layers)':34s} {'ms':>8s} {'x dense':>8s} {'|d loss|':>9s} "
-          f"{'|d grad|':>9s}")  # fmt: skip
+          f"{'|d grad|':>9s} {'attention share':>16s}")  # fmt: skip
     for name, f in figs["model"].items():
+      # Two layers of standalone attention fwd+bwd over the model's time (an estimate).
+      f["attention_share"] = 2 * figs["attention"][name]["fwd_bwd_s"] / f["fwd_bwd_s"]
       print(f"{name:34s} {f['fwd_bwd_s'] * 1e3:8.1f} {f['vs_dense']:8.2f} "
-            f"{f['loss_diff']:9.1e} {f['max_abs_diff_grads']:9.1e}")  # fmt: skip
+            f"{f['loss_diff']:9.1e} {f['max_abs_diff_grads']:9.1e} "
+            f"{f['attention_share']:16.2f}")  # fmt: skip
   if a.out:
     with open(a.out, "w") as f:
       json.dump(figs, f, indent=2)

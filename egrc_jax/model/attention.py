@@ -30,7 +30,8 @@ Implementations:
     interpret mode off TPU (slow; for tests). Under a mesh it runs inside `shard_map`
     over the batch (and heads when both N and K divide the tensor axis).
   * `auto`: splash on TPU when T fits its blocks (a multiple of 128), blocked otherwise;
-    decided by `jax.default_backend()` at trace time.
+    decided at trace time by the platform of the current mesh's devices, or
+    `jax.default_backend()` outside a mesh (`blocked_attention.trace_platform`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from egrc_jax.model.blocked_attention import NEG_INF, blocked
+from egrc_jax.model.blocked_attention import NEG_INF, blocked, trace_platform
 from egrc_jax.model.logical import logical_to_spec
 
 IMPLS = ("auto", "dense", "blocked", "splash")
@@ -108,7 +109,6 @@ def splash_blocks(T: int, block_q: int | None, block_kv: int | None) -> tuple[in
   return bq, bk
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(N: int, T: int, causal: bool, bq: int, bk: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu import splash_attention as sa  # noqa: PLC0415
 
@@ -123,16 +123,15 @@ def _splash_kernel(N: int, T: int, causal: bool, bq: int, bk: int, interpret: bo
     block_q_dq=bq,
     block_kv_dq=bk,
   )
-  # The mask tables become concrete arrays (not tracers of the jit that first asks), so
-  # the kernel can be cached and shared by every trace.
-  with jax.ensure_compile_time_eval():
-    kernel = sa.make_splash_mha(
-      sa.MultiHeadMask((one,) * N),
-      block_sizes=sizes,
-      head_shards=1,
-      q_seq_shards=1,
-      interpret=interpret,
-    )
+  # Built per call, inside the caller's trace: its block tables are constants of that
+  # program (splash caches the numpy mask processing itself).
+  kernel = sa.make_splash_mha(
+    sa.MultiHeadMask((one,) * N),
+    block_sizes=sizes,
+    head_shards=1,
+    q_seq_shards=1,
+    interpret=interpret,
+  )
   return kernel, sa.SegmentIds
 
 
@@ -166,7 +165,7 @@ def splash(
   segment ids are applied inside the blocks it visits."""
   B, T, N, H = q_BTNH.shape
   bq, bk = splash_blocks(T, block_q, block_kv)
-  interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+  interpret = trace_platform() != "tpu" if interpret is None else interpret
   local = functools.partial(_splash_local, causal=causal, bq=bq, bk=bk, interpret=interpret)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
@@ -193,7 +192,7 @@ def resolve_impl(impl: str, T: int, block_q: int | None = None, block_kv: int | 
     raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
   if impl != "auto":
     return impl
-  if jax.default_backend() != "tpu":
+  if trace_platform() != "tpu":
     return "blocked"
   try:
     splash_blocks(T, block_q, block_kv)

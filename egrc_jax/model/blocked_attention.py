@@ -47,6 +47,16 @@ def balanced_block(T: int, target: int = BLOCK_TARGET) -> int:
   return -(-T // -(-T // target))
 
 
+def trace_platform() -> str:
+  """The platform being compiled for: the current mesh's devices when a mesh is set (an
+  ahead-of-time compile for a TPU topology from a CPU host is a TPU program), else
+  `jax.default_backend()`."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
 def _dslice(x, start, size, axis):
   return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
@@ -211,7 +221,7 @@ def rows_per_step(B: int, block_b: int | None) -> int:
   shard count under a mesh (each step then spans every device) and to a divisor of B."""
   if block_b is not None and block_b < 1:
     raise ValueError(f"block_b={block_b} must be a positive number of rows (or None)")
-  bb = block_b or (1 if jax.default_backend() == "cpu" else B)
+  bb = block_b or (1 if trace_platform() == "cpu" else B)
   shards, mesh = 1, jax.sharding.get_abstract_mesh()
   if not mesh.empty:
     axis = logical_to_spec(("batch",), (B,), mesh)[0]
