@@ -6,12 +6,12 @@ a query block): the rows of one block's score tile.
 
     out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, impl=..., causal=True)
 
-The mask: query t sees key s iff seg[t] == seg[s] != 0 and (s <= t when causal). Segment
-id 0 marks padding, so one rule covers left-padded rows (0 0 1 1 1), right-padded rows
-(1 1 1 0 0) and packed rows (1 1 2 2 2 3 0). A query that sees no key (a pad) gets output
-0 and zero gradients, never NaN. Scores are softmax(q.k / sqrt(H)) in float32 whatever the
-input dtype; GQA is computed per kv head with its G query heads stacked as rows of one
-matmul, never by repeating K/V.
+The mask: query t sees key s iff seg[t] == seg[s] != 0 and (s <= t when causal), with
+non-negative integer segment ids. Id 0 marks padding, so one rule covers left-padded rows
+(0 0 1 1 1), right-padded rows (1 1 1 0 0) and packed rows (1 1 2 2 2 3 0). A query that
+sees no key (a pad) gets output 0 and zero gradients, never NaN. Scores are
+softmax(q.k / sqrt(H)) in float32 whatever the input dtype; GQA is computed per kv head
+with its G query heads stacked as rows of one matmul, never by repeating K/V.
 
 Implementations:
   * `dense`: the reference, the model's original attention: [B, K, G, T, S] float32

@@ -19,7 +19,7 @@ a query and a key whose non-zero segment-id ranges overlap (per-block min/max): 
 and the other sequences of a packed row cost nothing. `block_b` rows go through the pair
 loops together (`lax.map` over row chunks): 1 row skips per row and keeps tiles in cache.
 
-A query that sees no key gets output 0 and lse = +3.4e38, so its p and gradients are 0.
+A query that sees no key gets output 0 and lse = +2.4e38, so its p and gradients are 0.
 Loops (`fori_loop`), not unrolled blocks, keep compile time independent of T.
 """
 
