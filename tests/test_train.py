@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_model import dot_operand_dtypes
 
 from egrc_jax import losses
 from egrc_jax import train as train_lib
@@ -14,6 +15,7 @@ from egrc_jax.sharding import batch_sharding, init_model, make_mesh
 from egrc_jax.train import (
   Batch,
   OptimConfig,
+  completion_logprobs,
   init_state_sharded,
   lr_schedule,
   make_optimizer,
@@ -211,3 +213,21 @@ def test_remat_changes_memory_not_the_update():
   g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, True)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_learner_gradient_runs_every_matmul_in_bfloat16():
+  """float32 params, bfloat16 compute: the learner's forward and backward (blocked
+  attention, remat, vocab-chunked logprobs) feed only bfloat16 operands to matmuls."""
+  cfg = get_preset("tiny", param_dtype="float32", dtype="bfloat16", attention_impl="blocked")
+  model = init_model(cfg, None, seed=0)
+  params = nnx.state(model, nnx.Param)
+  batch = make_batch()
+
+  def loss(p):
+    logp, ent = completion_logprobs(p, nnx.graphdef(model), batch, 1.0, 96, True)
+    return jnp.sum(logp) + jnp.sum(ent)
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+  assert dot_operand_dtypes(jaxpr) == {("bfloat16", "bfloat16")}
+  grads = jax.eval_shape(jax.grad(loss), params)
+  assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype("float32")}  # param dtype

@@ -2,6 +2,13 @@
 
 `ModelConfig` is a frozen dataclass (hashable, so it can be a static jit argument). Field
 names follow our code; `egrc_jax.hf.config` maps them to and from Hugging Face config.json.
+
+The attention_* fields choose how the full forward and the prefill compute attention
+(`egrc_jax.model.attention`). They live here, not as `__call__` arguments, because every
+caller (learner, reference pass, sampler prefill, evaluation) builds the model from this
+config and the choice is then one key, fixed per compiled program (the config is static).
+They change the numerics only by rounding, so they are not part of the architecture:
+`egrc_jax.hf.config` neither writes them to config.json nor reads them from it.
 """
 
 from __future__ import annotations
@@ -9,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+
+from egrc_jax.model.attention import IMPLS as ATTENTION_IMPLS
 
 MODEL_TYPES = ("qwen2", "llama", "qwen3")
 
@@ -37,6 +46,14 @@ class ModelConfig:
   max_position_embeddings: int = 4096
   param_dtype: str = "float32"  # float32 | bfloat16
   dtype: str = "float32"  # compute dtype of activations
+  # auto | dense | blocked | splash (egrc_jax.model.attention); auto: splash on TPU when the
+  # length fits its 128-multiple blocks, blocked (online softmax, skips masked blocks) else.
+  attention_impl: str = "auto"
+  # Query-block / key-block slots; 0: the implementation's default (blocked: about 64,
+  # evened to tile T; splash: min(512, T)).
+  attention_block_q: int = 0
+  attention_block_kv: int = 0
+  attention_block_b: int = 0  # rows per step of blocked; 0: 1 on CPU, all rows elsewhere
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int | None = None
@@ -53,6 +70,11 @@ class ModelConfig:
         raise ValueError(f"{name}={getattr(self, name)!r}: use 'float32' or 'bfloat16'")
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r}: use one of {ATTENTION_IMPLS}")
+    for name in ("attention_block_q", "attention_block_kv", "attention_block_b"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0: the default)")
 
   @property
   def jnp_param_dtype(self):

@@ -4,12 +4,22 @@ Shape letters: B batch, T query length, S key length (cache slots), D hidden, F 
 V vocab, N query heads, K key/value heads, G = N // K query heads per kv head, H head dim,
 L layers.
 
-Two paths share every weight:
-  * `__call__(tokens_BT, positions_BT, mask_BT)`: a full causal forward over a (left- or
-    right-) padded batch; `mask_BT` is True on real tokens.
+Three paths share every weight:
+  * `__call__(tokens_BT, positions_BT, mask_BT | segment_ids_BT=...)`: a full causal
+    forward over padded or packed rows. Token t attends to slot s <= t of its own segment
+    (`segment_ids_BT`: 0 on pads, 1, 2, ... for the sequences of a packed row, with
+    positions restarting per sequence: `positions_from_segments`); `mask_BT` (True on real
+    tokens) is segment ids 1/0. Attention is `cfg.attention_impl` (egrc_jax.model.attention).
+  * `prefill(tokens_BT, positions_BT, mask_BT, cache)`: the prompt into an EMPTY cache:
+    self-attention over the prompt as in `__call__` (no [T, S] scores with blocked or
+    splash), then its keys/values written to slots [0, T).
   * `decode(tokens_BT, positions_BT, mask_BT, cache)`: writes the T new keys/values into the
-    explicit `KVCache` pytree at `cache.index` and attends over every valid slot up to each
-    query's own slot. Prefill is `decode` with the whole prompt; a sampling step is T = 1.
+    explicit `KVCache` pytree at `cache.index` and attends (dense) over every valid slot up
+    to each query's own slot; a sampling step is T = 1.
+
+Compute dtype: every parameter is cast to `cfg.dtype` where it is used and every matmul
+takes `cfg.dtype` operands, whatever `cfg.param_dtype` is; norms and softmax work in float32
+inside and return the compute dtype; logits are float32.
 
 Every parameter carries logical axis names (`out_sharding` metadata) that `egrc_jax.sharding`
 maps to mesh axes; activations get logical sharding constraints through `shard`.
@@ -24,10 +34,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from egrc_jax.model import attention
 from egrc_jax.model.config import ModelConfig
 from egrc_jax.model.logical import shard
+from egrc_jax.model.rows import segment_ids
 
-_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+_NEG_INF = attention.NEG_INF
 
 
 def _param(rngs: nnx.Rngs, shape, names, dtype, std: float | None = None):
@@ -131,14 +143,18 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) 
 
 
 class RMSNorm(nnx.Module):
-  def __init__(self, dim: int, eps: float, dtype, names=("norm",)):
-    self.scale = _ones_param((dim,), names, dtype)
+  """y = scale * x / sqrt(mean(x^2) + eps): the statistic in float32, the result (and the
+  scale multiply, as HF does it) in the compute dtype whatever the parameter dtype."""
+
+  def __init__(self, dim: int, eps: float, param_dtype, dtype, names=("norm",)):
+    self.scale = _ones_param((dim,), names, param_dtype)
     self.eps = eps
+    self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.scale[...] * y.astype(x.dtype)
+    return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
 
 
 class Attention(nnx.Module):
@@ -157,8 +173,8 @@ class Attention(nnx.Module):
     if cfg.o_bias:
       self.o_bias_D = _param(rngs, (D,), ("norm",), pd)
     if cfg.qk_norm:
-      self.q_norm = RMSNorm(H, cfg.rms_norm_eps, pd, ("head_dim",))
-      self.k_norm = RMSNorm(H, cfg.rms_norm_eps, pd, ("head_dim",))
+      self.q_norm = RMSNorm(H, cfg.rms_norm_eps, pd, cfg.jnp_dtype, ("head_dim",))
+      self.k_norm = RMSNorm(H, cfg.rms_norm_eps, pd, cfg.jnp_dtype, ("head_dim",))
 
   def project(self, x_BTD, positions_BT, inv_freq):
     cfg, dt = self.cfg, self.cfg.jnp_dtype
@@ -178,17 +194,21 @@ class Attention(nnx.Module):
     v = shard(v, ("batch", "length", "kv_heads", "head_dim"))
     return q, k, v
 
-  def attend(self, q_BTNH, k_BSKH, v_BSKH, allowed_BTS):
+  def attend(self, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
+    """Causal self-attention within segments (cfg.attention_impl), then the output
+    projection: [B, T, D]."""
     cfg = self.cfg
-    B, T, N, H = q_BTNH.shape
-    K = cfg.num_kv_heads
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32)
-    logits = logits * (H**-0.5)
-    logits = jnp.where(allowed_BTS[:, None, None], logits, _NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH).reshape(B, T, N, H)
-    return self.out_proj(out)
+    out_BTNH = attention.attend(
+      q_BTNH,
+      k_BSKH,
+      v_BSKH,
+      segment_ids_BT,
+      impl=cfg.attention_impl,
+      block_q=cfg.attention_block_q or None,
+      block_kv=cfg.attention_block_kv or None,
+      block_b=cfg.attention_block_b or None,
+    )
+    return self.out_proj(out_BTNH)
 
   def attend_cache(self, q_BTNH, k_BKHS, v_BKSH, allowed_BTS):
     """`attend` over the cache layout (keys [B, K, H, S], values [B, K, S, H]): both
@@ -242,27 +262,40 @@ class MLP(nnx.Module):
 
 class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    pd = cfg.jnp_param_dtype
-    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    pd, dt = cfg.jnp_param_dtype, cfg.jnp_dtype
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, dt)
     self.attn = Attention(cfg, rngs)
-    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, dt)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None):
-    """kv: optional (k_BKHS, v_BKSH) cache of this layer; returns (x, (k, v))."""
+  def __call__(self, x_BTD, positions_BT, inv_freq, segment_ids_BT):
+    """Self-attention over the rows; returns (x, (k_BTKH, v_BTKH))."""
     q, k, v = self.attn.project(self.attn_norm(x_BTD), positions_BT, inv_freq)
-    if kv is None:
-      x_BTD = x_BTD + self.attn.attend(q, k, v, allowed_BTS)
-    else:
-      k_cache, v_cache = kv  # [B, K, H, S], [B, K, S, H]
-      zero = jnp.zeros((), jnp.int32)
-      k_BKHT = k.astype(k_cache.dtype).transpose(0, 2, 3, 1)
-      v_BKTH = v.astype(v_cache.dtype).transpose(0, 2, 1, 3)
-      k = jax.lax.dynamic_update_slice(k_cache, k_BKHT, (zero, zero, zero, index))
-      v = jax.lax.dynamic_update_slice(v_cache, v_BKTH, (zero, zero, index, zero))
-      x_BTD = x_BTD + self.attn.attend_cache(q, k, v, allowed_BTS)
+    x_BTD = x_BTD + self.attn.attend(q, k, v, segment_ids_BT)
+    return self._mlp_residual(x_BTD), (k, v)
+
+  def decode(self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv, index):
+    """kv: this layer's (k_BKHS, v_BKSH) cache; returns (x, (k, v)) with the T new slots
+    written at `index`."""
+    q, k, v = self.attn.project(self.attn_norm(x_BTD), positions_BT, inv_freq)
+    k, v = write_kv(kv, k, v, index)
+    x_BTD = x_BTD + self.attn.attend_cache(q, k, v, allowed_BTS)
+    return self._mlp_residual(x_BTD), (k, v)
+
+  def _mlp_residual(self, x_BTD):
     x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
-    return shard(x_BTD, ("batch", "length", "embed")), (k, v)
+    return shard(x_BTD, ("batch", "length", "embed"))
+
+
+def write_kv(kv, k_BTKH, v_BTKH, index):
+  """The layer cache (k [B, K, H, S], v [B, K, S, H]) with T new slots written at index."""
+  k_cache, v_cache = kv
+  zero = jnp.zeros((), jnp.int32)
+  k_BKHT = k_BTKH.astype(k_cache.dtype).transpose(0, 2, 3, 1)
+  v_BKTH = v_BTKH.astype(v_cache.dtype).transpose(0, 2, 1, 3)
+  k = jax.lax.dynamic_update_slice(k_cache, k_BKHT, (zero, zero, zero, index))
+  v = jax.lax.dynamic_update_slice(v_cache, v_BKTH, (zero, zero, index, zero))
+  return k, v
 
 
 class Transformer(nnx.Module):
@@ -271,7 +304,7 @@ class Transformer(nnx.Module):
     pd = cfg.jnp_param_dtype
     self.embed_VD = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd, 0.02)
     self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, cfg.jnp_dtype)
     if not cfg.tie_embeddings:
       self.lm_head_DV = _param(
         rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, 0.02
@@ -283,37 +316,65 @@ class Transformer(nnx.Module):
     return shard(x, ("batch", "length", "embed"))
 
   def lm_head_weight(self) -> jax.Array:
-    """[D, V] output projection (the transposed embedding table when tied)."""
-    if self.cfg.tie_embeddings:
-      return self.embed_VD[...].T
-    return self.lm_head_DV[...]
+    """[D, V] output projection in the compute dtype (the transposed embedding table when
+    tied): the sampler's `logits` and the learner's chunked logprobs both use this."""
+    w = self.embed_VD[...].T if self.cfg.tie_embeddings else self.lm_head_DV[...]
+    return w.astype(self.cfg.jnp_dtype)
 
   def logits(self, hidden_BTD: jax.Array) -> jax.Array:
     """Final-normed hidden states -> float32 logits [B, T, V]."""
-    w = self.lm_head_weight().astype(self.cfg.jnp_dtype)
+    w = self.lm_head_weight()
     out = jnp.einsum("btd,dv->btv", hidden_BTD, w, preferred_element_type=jnp.float32)
     return shard(out, ("batch", "length", "vocab"))
 
   # -- full forward -----------------------------------------------------------------------
   def __call__(
-    self, tokens_BT, positions_BT, mask_BT, *, return_hidden: bool = False, remat: bool = False
+    self,
+    tokens_BT,
+    positions_BT,
+    mask_BT=None,
+    *,
+    segment_ids_BT=None,
+    return_hidden: bool = False,
+    remat: bool = False,
   ):
-    """Causal forward over a padded batch. Returns float32 logits [B, T, V] (or the
-    final-normed hidden states [B, T, D] with return_hidden=True). remat=True recomputes
-    each block's activations in the backward pass (only block inputs are kept): the
-    learner's memory then grows with one block's working set, not L of them."""
-    T = tokens_BT.shape[1]
-    causal_TT = jnp.tril(jnp.ones((T, T), bool))
-    allowed_BTS = causal_TT[None] & mask_BT[:, None, :].astype(bool)
+    """Causal forward over padded (mask_BT) or packed (segment_ids_BT) rows; give one of
+    the two. Returns float32 logits [B, T, V] (or the final-normed hidden states [B, T, D]
+    with return_hidden=True). remat=True recomputes each block's activations in the
+    backward pass (only block inputs are kept): the learner's memory then grows with one
+    block's working set, not L of them."""
+    seg_BT = segment_ids(mask_BT, segment_ids_BT)
     inv_freq = rope_inv_freq(self.cfg)
     x = self.embed(tokens_BT)
-    block = lambda layer, x: layer(x, positions_BT, inv_freq, allowed_BTS)[0]
+    block = lambda layer, x: layer(x, positions_BT, inv_freq, seg_BT)[0]
     if remat:
       block = nnx.remat(block)
     for layer in self.layers:
       x = block(layer, x)
     h = self.final_norm(x)
     return h if return_hidden else self.logits(h)
+
+  def prefill(self, tokens_BT, positions_BT, mask_BT, cache: KVCache, *, return_hidden=False):
+    """`decode` of a whole prompt into an empty cache (index 0; earlier slots would be
+    ignored): the prompt attends to itself through cfg.attention_impl, as in `__call__`,
+    and its keys/values go to slots [index, index + T). Returns (logits or hidden, cache)."""
+    T = tokens_BT.shape[1]
+    seg_BT = segment_ids(mask_BT, None)
+    inv_freq = rope_inv_freq(self.cfg)
+    x = self.embed(tokens_BT)
+    ks, vs = [], []
+    for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v, strict=True):
+      x, (k, v) = layer(x, positions_BT, inv_freq, seg_BT)
+      k, v = write_kv((k_cache, v_cache), k, v, cache.index)
+      ks.append(k)
+      vs.append(v)
+    h = self.final_norm(x)
+    zero = jnp.zeros((), jnp.int32)
+    valid_BS = jax.lax.dynamic_update_slice(
+      cache.valid_BS, mask_BT.astype(bool), (zero, cache.index)
+    )
+    new_cache = KVCache(k=tuple(ks), v=tuple(vs), valid_BS=valid_BS, index=cache.index + T)
+    return (h if return_hidden else self.logits(h)), new_cache
 
   # -- cached path ------------------------------------------------------------------------
   def decode(self, tokens_BT, positions_BT, mask_BT, cache: KVCache, *, return_hidden=False):
@@ -336,14 +397,9 @@ class Transformer(nnx.Module):
     x = self.embed(tokens_BT)
     ks, vs = [], []
     for layer, k, v in zip(self.layers, cache.k, cache.v, strict=True):
-      x, (k, v) = layer(x, positions_BT, inv_freq, allowed_BTS, kv=(k, v), index=index)
+      x, (k, v) = layer.decode(x, positions_BT, inv_freq, allowed_BTS, (k, v), index)
       ks.append(k)
       vs.append(v)
     h = self.final_norm(x)
     new_cache = KVCache(k=tuple(ks), v=tuple(vs), valid_BS=valid_BS, index=index + T)
     return (h if return_hidden else self.logits(h)), new_cache
-
-
-def positions_from_mask(mask_BT: jax.Array) -> jax.Array:
-  """Position ids for a padded batch: the count of real tokens before each slot (0 on pads)."""
-  return jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=1) - 1, 0)

@@ -5,7 +5,8 @@ Tp padded prompt length (a bucket), C completion budget, S = Tp + C cache slots,
 
 Flow of `generate_state`:
   1. host: left-pad the P prompts to the smallest bucket Tp that holds the longest one;
-  2. `prefill` (jit): one cached forward over [P, Tp] into a KVCache of S slots; keeps the
+  2. `prefill` (jit): one forward over [P, Tp] (self-attention over the prompt through the
+     model's attention_impl, no [Tp, S] scores) that fills a KVCache of S slots; keeps the
      last position's logits [P, V]; repeats the cache G times (one prefill per prompt);
   3. `decode_loop` (jit, cache donated): draws token 0 for each of the B rows from the
      repeated prefill logits, then while t < C and some row is live: feeds each row's last
@@ -51,7 +52,7 @@ def prefill(graphdef, state, tokens_PT, mask_PT, *, num_samples: int, cache_size
   model = nnx.merge(graphdef, state)
   Pn = tokens_PT.shape[0]
   cache = KVCache.zeros(model.cfg, Pn, cache_size).constrain()
-  hidden_PTD, cache = model.decode(
+  hidden_PTD, cache = model.prefill(
     tokens_PT, positions_from_mask(mask_PT), mask_PT, cache, return_hidden=True
   )
   # Only the last position feeds the first draw: project just that one (saves a
