@@ -1,15 +1,18 @@
 """The learner's state and its jitted, sharded train step.
 
-Shape letters: B rollout rows (P prompts x G samples, prompt-major), M micro-batches,
-b rows per micro-batch (B = M b), S = Tp + C full sequence length, Tp prompt length, C
-completion length, D hidden, V vocab.
+Shape letters: B learner rows, S slots per row, C loss positions per row, M micro-batches,
+b rows per micro-batch (B = M b), D hidden, V vocab. A row holds one rollout sequence
+(prompt, left padded, then completion: the padded layout, S = Tp + C, and the C loss
+positions are slots Tp-1 .. S-2) or several packed end to end (the packed layout, segment
+ids 1, 2, ... with positions restarting per sequence, C = S: every slot may predict a
+completion token). `trainer/batch.py` builds either from a rollout.
 
 One call of `train_step` runs `ppo_epochs` x M gradient micro-batches over a rollout batch
 (lax.scan accumulates gradients, so peak activation memory is one micro-batch's) and one
 optimizer update per epoch. The batch's loss is sum_t w_t * l_t with aggregation weights
 w_t computed for the whole batch beforehand (`egrc_jax.losses`), which makes the
-accumulated gradient identical to the full-batch gradient for every aggregation mode.
-A non-finite loss or gradient leaves params and optimizer state untouched.
+accumulated gradient identical to the full-batch gradient for every aggregation mode and
+either layout. A non-finite loss or gradient leaves params and optimizer state untouched.
 """
 
 from __future__ import annotations
@@ -39,18 +42,22 @@ class TrainState:
 
 @flax.struct.dataclass
 class Batch:
-  """One rollout batch laid out for the learner (all arrays have B rows)."""
+  """One rollout batch laid out for the learner (module docstring): B rows of S slots, and
+  the loss inputs at each row's C loss positions (slots head_start .. head_start + C - 1),
+  zero where a position predicts no completion token."""
 
-  tokens_BS: jax.Array  # prompt (left padded) then completion
-  mask_BS: jax.Array  # True on real tokens
-  positions_BS: jax.Array
-  targets_BC: jax.Array  # completion tokens (predicted from positions Tp-1 .. S-2)
+  tokens_BS: jax.Array  # int32
+  segments_BS: jax.Array  # int32: 0 on padding, 1, 2, ... one id per sequence of the row
+  positions_BS: jax.Array  # int32: the token's position in its own sequence
+  targets_BC: jax.Array  # the next token of the sequence at each loss position
+  completion_BC: jax.Array  # bool: the loss position predicts a completion token
   old_logp_BC: jax.Array  # behaviour-policy logprobs: the PPO ratio's denominator
   sampler_logp_BC: jax.Array  # the sampler's log p_T (stage temperature, no filter)
   ref_logp_BC: jax.Array  # reference logprobs (zeros when KL is off)
   adv_BC: jax.Array  # advantages broadcast over tokens
   weight_BC: jax.Array  # aggregation weights: batch loss = sum(weight * token loss)
   select_BC: jax.Array  # entropy-selection factor on the PPO term (1 when off)
+  head_start: int = flax.struct.field(pytree_node=False, default=0)  # slot of loss position 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,19 +100,22 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def completion_hidden(model: Transformer, batch: Batch, remat: bool = False) -> jax.Array:
-  """Final hidden states at the positions that predict the completion tokens [B, C, D]."""
+  """Final hidden states at the loss positions [B, C, D]."""
   hidden_BSD = model(
-    batch.tokens_BS, batch.positions_BS, batch.mask_BS, return_hidden=True, remat=remat
+    batch.tokens_BS,
+    batch.positions_BS,
+    segment_ids_BT=batch.segments_BS,
+    return_hidden=True,
+    remat=remat,
   )
   C = batch.targets_BC.shape[1]
-  S = batch.tokens_BS.shape[1]
-  return hidden_BSD[:, S - C - 1 : S - 1]
+  return hidden_BSD[:, batch.head_start : batch.head_start + C]
 
 
 def completion_logprobs(
   params, graphdef, batch: Batch, temperature, vocab_chunk: int, remat: bool = False
 ):
-  """(logprobs, entropy) [B, C] of the completion tokens at `temperature` (vocab-chunked)."""
+  """(logprobs, entropy) [B, C] of the targets at `temperature` (vocab-chunked)."""
   model = nnx.merge(graphdef, params)
   return losses.token_logprobs_and_entropy(
     completion_hidden(model, batch, remat),
@@ -120,15 +130,19 @@ def _micro_loss(params, graphdef, mb: Batch, temperature, loss_cfg: losses.LossC
   logp, entropy = completion_logprobs(
     params, graphdef, mb, temperature, loss_cfg.vocab_chunk, remat
   )
-  ref = mb.ref_logp_BC if loss_cfg.kl_kind is not None else None
-  valid = mb.weight_BC != 0
-  tok_loss, stats = losses.token_loss(
-    logp, entropy, mb.old_logp_BC, ref, mb.adv_BC, loss_cfg, mb.select_BC, valid
+  loss, wsum = losses.batch_loss(
+    logp, entropy, mb.old_logp_BC, mb.ref_logp_BC, mb.adv_BC, mb.weight_BC, mb.select_BC, loss_cfg
   )
-  loss = losses.weighted_sum(tok_loss, mb.weight_BC)
-  # Weighted sums of the per-token statistics; divided by the weight total afterwards.
-  wsum = {k: losses.weighted_sum(stats[k], mb.weight_BC) for k in losses.TOKEN_STAT_NAMES}
   return loss, (wsum, jax.lax.stop_gradient(logp))
+
+
+def micro_batch_count(batch: Batch, micro_batch_rows: int) -> int:
+  """M for a batch of B rows: B / micro_batch_rows (0: one micro-batch of every row)."""
+  B = batch.tokens_BS.shape[0]
+  b = micro_batch_rows or B
+  if B % b:
+    raise ValueError(f"{B} learner rows do not split into micro-batches of {b} rows")
+  return B // b
 
 
 def _split(batch: Batch, m: int) -> Batch:
@@ -165,7 +179,7 @@ def make_train_step(
   tx: optax.GradientTransformation,
   loss_cfg: losses.LossConfig,
   *,
-  micro_batches: int = 1,
+  micro_batch_rows: int = 0,
   ppo_epochs: int = 1,
   mesh: Mesh | None = None,
   state_sharding=None,
@@ -173,7 +187,10 @@ def make_train_step(
 ) -> Callable[..., tuple[TrainState, dict]]:
   """A jitted `step(state, batch, temperature, lr) -> (state, metrics)`; state is donated.
 
-  remat: recompute each block in the backward pass (activation memory of one block).
+  micro_batch_rows: rows per gradient micro-batch (0: the whole batch), the token budget of
+  a micro-batch in units of S; the count follows from the batch's rows (a packed batch has
+  fewer rows, in buckets: one compile per bucket). remat: recompute each block in the
+  backward pass (activation memory of one block).
   """
   grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
@@ -189,7 +206,8 @@ def make_train_step(
 
     init_stats = {k: jnp.zeros((), jnp.float32) for k in losses.TOKEN_STAT_NAMES}
     carry = (zeros, jnp.zeros((), jnp.float32), init_stats)
-    (grads, loss, stats), logp_MbC = jax.lax.scan(body, carry, _split(batch, micro_batches))
+    M = micro_batch_count(batch, micro_batch_rows)
+    (grads, loss, stats), logp_MbC = jax.lax.scan(body, carry, _split(batch, M))
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -209,9 +227,8 @@ def make_train_step(
       f"loss_weighted/{k}": jnp.where(wtot > 0, v / safe, jnp.nan) for k, v in stats.items()
     }
     metrics.update(loss=loss, grad_norm=grad_norm, finite=finite)
-    C = batch.targets_BC.shape[1]
     metrics.update(
-      sampler_learner_metrics(_unsplit(logp_MbC), batch.sampler_logp_BC, batch.mask_BS[:, -C:])
+      sampler_learner_metrics(_unsplit(logp_MbC), batch.sampler_logp_BC, batch.completion_BC)
     )
     return new_state, metrics
 
@@ -275,23 +292,25 @@ def init_state_sharded(params: nnx.State, tx, mesh: Mesh | None):
 
 
 def logprobs_pass(
-  graphdef, params, batch: Batch, temperature, vocab_chunk: int, micro_batches: int = 1
+  graphdef, params, batch: Batch, temperature, vocab_chunk: int, micro_batch_rows: int = 0
 ):
-  """Logprobs [B, C] of the completion tokens under `params` (the frozen reference, or the
-  policy before its update when old logprobs are recomputed), in the learner's micro-batches
+  """Logprobs [B, C] of the targets under `params` (the frozen reference, or the policy
+  before its update when old logprobs are recomputed), in the learner's micro-batches
   (`lax.map`: the activation memory of one micro-batch, as in the train step)."""
-  if micro_batches == 1:
+  M = micro_batch_count(batch, micro_batch_rows)
+  if M == 1:
     return completion_logprobs(params, graphdef, batch, temperature, vocab_chunk)[0]
   one = lambda mb: completion_logprobs(params, graphdef, mb, temperature, vocab_chunk)[0]
-  return _unsplit(jax.lax.map(one, _split(batch, micro_batches)))
+  return _unsplit(jax.lax.map(one, _split(batch, M)))
 
 
-def make_logprobs_pass(graphdef, vocab_chunk: int, micro_batches: int, mesh: Mesh | None):
+def make_logprobs_pass(graphdef, vocab_chunk: int, micro_batch_rows: int, mesh: Mesh | None):
   """A jitted `(params, batch, temperature) -> logprobs [B, C]` (see `logprobs_pass`),
   traced under the mesh when there is one."""
-  run = lambda params, batch, t: logprobs_pass(
-    graphdef, params, batch, t, vocab_chunk, micro_batches
-  )
+
+  def run(params, batch, temperature):
+    return logprobs_pass(graphdef, params, batch, temperature, vocab_chunk, micro_batch_rows)
+
   if mesh is None:
     return jax.jit(run)
   # Rows out as they came in (over data x fsdp), so the result drops into the batch.

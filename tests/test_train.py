@@ -40,15 +40,17 @@ def make_batch(seed=0, adv_scale=1.0, pad_ref=0.0):
   )
   return Batch(
     tokens_BS=tokens,
-    mask_BS=mask,
+    segments_BS=mask.astype(np.int32),
     positions_BS=np.asarray(positions_from_mask(mask)),
     targets_BC=tokens[:, TP:],
+    completion_BC=comp_mask,
     old_logp_BC=np.full((B, C), -5.3, np.float32),
     sampler_logp_BC=np.full((B, C), -5.3, np.float32),
     ref_logp_BC=np.where(weight == 0, pad_ref, -5.0).astype(np.float32),
     adv_BC=np.repeat(adv_scale * rng.normal(size=(B, 1)), C, 1).astype(np.float32),
     weight_BC=weight,
     select_BC=np.ones((B, C), np.float32),
+    head_start=TP - 1,
   )
 
 
@@ -63,7 +65,7 @@ def run(micro_batches, mesh=None, epochs=1, batch=None, steps=1, adam=False, los
     nnx.graphdef(model),
     tx,
     loss_cfg or losses.LossConfig(vocab_chunk=96),
-    micro_batches=micro_batches,
+    micro_batch_rows=B // micro_batches,
     ppo_epochs=epochs,
     mesh=mesh,
     state_sharding=sh,
@@ -152,8 +154,8 @@ def test_logprobs_pass_micro_batched_equals_whole():
   model = init_model(get_preset("tiny"), None, seed=0)
   params, gd = nnx.state(model, nnx.Param), nnx.graphdef(model)
   batch = make_batch()
-  whole = train_lib.logprobs_pass(gd, params, batch, 0.7, 96, micro_batches=1)
-  split = jax.jit(lambda p, b: train_lib.logprobs_pass(gd, p, b, 0.7, 96, micro_batches=4))(
+  whole = train_lib.logprobs_pass(gd, params, batch, 0.7, 96, micro_batch_rows=0)
+  split = jax.jit(lambda p, b: train_lib.logprobs_pass(gd, p, b, 0.7, 96, micro_batch_rows=2))(
     params, batch
   )
   # The same rows, computed in 4 groups of 2: float32 rounding only.

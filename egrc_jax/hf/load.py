@@ -163,13 +163,17 @@ def load_model(
   *,
   param_dtype: str | None = None,
   dtype: str | None = None,
+  attention_impl: str | None = None,
   progress: Progress = None,
 ) -> tuple[ModelConfig, Transformer]:
   """(config, model) from an HF directory: config.json + model.safetensors or sharded files.
 
-  param_dtype / dtype override the checkpoint's dtype ('float32' | 'bfloat16').
+  param_dtype / dtype override the checkpoint's dtype ('float32' | 'bfloat16');
+  attention_impl picks the attention implementation (not an HF setting; default auto).
   """
   cfg = config_from_hf(read_hf_config(path), param_dtype=param_dtype, dtype=dtype)
+  if attention_impl is not None:
+    cfg = cfg.replace(attention_impl=attention_impl)
   tensors = open_safetensors_dir(path)
   if progress:
     progress(f"{path}: {cfg.model_type}, {len(tensors)} tensors, {cfg.num_params():,} params")

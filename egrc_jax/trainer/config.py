@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tokenizer_path = ""  # tokenizer directory (defaults to hf_path)
   c.model.dtype = "float32"  # compute dtype of activations: float32 | bfloat16
   c.model.param_dtype = "float32"  # parameter dtype (a checkpoint is cast to it on load)
+  c.model.attention = "auto"  # auto (splash on TPU, blocked elsewhere) | dense | blocked | splash
   c.model.hidden_size = 0  # preset override (random init only); 0 keeps the preset's
   c.model.num_layers = 0  # preset override (random init only); 0 keeps the preset's
 
@@ -151,7 +152,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999  # Adam beta2
   c.optim.clip_norm = 1.0  # global gradient-norm clip
   c.optim.ppo_epochs = 1  # passes over each rollout batch
-  c.optim.micro_batch_rows = 0  # rows per gradient micro-batch; 0 = the whole batch
+  c.optim.micro_batch_rows = 0  # learner rows per gradient micro-batch; 0 = the whole batch
+  # The learner's rows: packed (every rollout row's real tokens end to end, segment-aware
+  # attention: no padding computed) | padded (one rollout row per learner row, Tp + L slots).
+  c.optim.layout = "packed"  # packed | padded
   c.optim.remat = False  # recompute each block in the backward pass (long sequences)
   c.optim.max_bad_steps = 3  # consecutive non-finite steps before the run stops
 

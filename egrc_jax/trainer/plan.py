@@ -11,7 +11,7 @@ the plan once, so a bad combination fails inside `get_config`, naming the config
                       recompute_old_logprobs) per stage of `arm`
     data:   DataPlan(train, eval: DataConfig, num_samples)
     eval:   EvalPlan(every, num_prompts, num_samples, sampling)
-    optim:  OptimPlan(adamw, ppo_epochs, micro_batches, remat, max_bad_steps)
+    optim:  OptimPlan(adamw, ppo_epochs, micro_batch_rows, layout, remat, max_bad_steps)
 
 A StagePlan's SamplingConfig has no stop tokens or pad id yet: those come from the run's
 tokenizer (`bind_tokens`). The loss reads its temperature from the same `stage.sampling`
@@ -111,20 +111,26 @@ class EvalPlan:
   sampling: SamplingConfig  # eval.{temperature, top_p, max_new_tokens}, rollout.prompt_buckets
 
 
+LAYOUTS = ("packed", "padded")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimPlan:
   adamw: OptimConfig  # optim.{lr, warmup_steps, min_lr_ratio, weight_decay, b1, b2, clip_norm}
   ppo_epochs: int  # optim.ppo_epochs
-  micro_batches: int  # rows / optim.micro_batch_rows (0: the whole batch in one)
+  micro_batch_rows: int  # optim.micro_batch_rows: learner rows per micro-batch (0: all)
+  layout: str  # optim.layout: packed (sequences end to end) | padded (one per row)
   remat: bool  # optim.remat
   max_bad_steps: int  # optim.max_bad_steps
 
   def __post_init__(self):
-    if self.ppo_epochs < 1 or self.micro_batches < 1 or self.max_bad_steps < 1:
+    if self.ppo_epochs < 1 or self.micro_batch_rows < 0 or self.max_bad_steps < 1:
       raise ValueError(
-        f"optim.ppo_epochs={self.ppo_epochs}, micro-batches={self.micro_batches} and "
-        f"optim.max_bad_steps={self.max_bad_steps} must be >= 1"
+        f"optim.ppo_epochs={self.ppo_epochs} and optim.max_bad_steps={self.max_bad_steps} "
+        f"must be >= 1, optim.micro_batch_rows={self.micro_batch_rows} >= 0"
       )
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"optim.layout={self.layout!r}: use one of {LAYOUTS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,11 +362,10 @@ def eval_plan(c) -> EvalPlan:
 def optim_plan(c) -> OptimPlan:
   o = c.optim
   rows = c.data.prompts_per_step * c.rollout.num_samples
-  mb = o.micro_batch_rows or rows  # optim.micro_batch_rows = 0: the whole batch
-  if mb < 1 or rows % mb:
+  if o.micro_batch_rows < 0 or (o.micro_batch_rows and rows % o.micro_batch_rows):
     raise ValueError(
       f"optim.micro_batch_rows={o.micro_batch_rows} must divide the rollout batch "
-      f"(data.prompts_per_step * rollout.num_samples = {rows})"
+      f"(data.prompts_per_step * rollout.num_samples = {rows}), or be 0 (one micro-batch)"
     )
   adamw = OptimConfig(
     lr=o.lr,
@@ -372,7 +377,7 @@ def optim_plan(c) -> OptimPlan:
     clip_norm=o.clip_norm,
   )
   with _section("optim"):
-    return OptimPlan(adamw, o.ppo_epochs, rows // mb, o.remat, o.max_bad_steps)
+    return OptimPlan(adamw, o.ppo_epochs, o.micro_batch_rows, o.layout, o.remat, o.max_bad_steps)
 
 
 def build_plan(c: ml_collections.ConfigDict) -> RunPlan:

@@ -55,7 +55,11 @@ def load_tokenizer(c):
 def load_policy(c, mesh):
   """(ModelConfig, sharded Transformer) from model.hf_path, or a random-init preset
   (model.hidden_size / model.num_layers, when set, reshape the preset)."""
-  dtypes = {"dtype": c.model.dtype, "param_dtype": c.model.param_dtype}
+  dtypes = {
+    "dtype": c.model.dtype,
+    "param_dtype": c.model.param_dtype,
+    "attention_impl": c.model.attention,
+  }
   if c.model.hf_path:
     return hf.load_model(c.model.hf_path, mesh=mesh, **dtypes)
   shape = {k: v for k in ("hidden_size", "num_layers") if (v := c.model[k])}

@@ -47,7 +47,10 @@ class Programs:
     self.graphdef, self.optim, self.mesh = graphdef, optim, mesh
     self.tx = make_optimizer(optim.adamw)
     self.state_sharding = None if mesh is None else init_state_sharded(params, self.tx, mesh)[1]
-    self.logprobs = make_logprobs_pass(graphdef, vocab_chunk, optim.micro_batches, mesh)
+    self.logprobs = make_logprobs_pass(graphdef, vocab_chunk, optim.micro_batch_rows, mesh)
+    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    # Packed rows come in buckets of this many (a micro-batch, or one row per data shard).
+    self.rows_multiple = optim.micro_batch_rows or shards
     self._train: dict[LossConfig, object] = {}
 
   def fresh_state(self, params: nnx.State) -> TrainState:
@@ -61,7 +64,7 @@ class Programs:
         self.graphdef,
         self.tx,
         loss,
-        micro_batches=o.micro_batches,
+        micro_batch_rows=o.micro_batch_rows,
         ppo_epochs=o.ppo_epochs,
         remat=o.remat,
         mesh=self.mesh,
@@ -107,7 +110,8 @@ def rl_step(
   trunc_PG = np.asarray(rollout.truncated_B).reshape(P, G)
   rewards = compute_rewards(stage.reward, correct.reshape(P, G), lengths_PG, trunc_PG)
   adv_PG, keep_PG = batch_lib.advantages(stage.advantage, rewards)
-  batch = batch_lib.make_batch(rollout, adv_PG, keep_PG, stage.loss)
+  layout, multiple = programs.optim.layout, programs.rows_multiple
+  batch = batch_lib.make_batch(rollout, adv_PG, keep_PG, stage.loss, layout, multiple)
   if mesh is not None:
     batch = jax.device_put(batch, batch_sharding(mesh))
   temperature = jnp.float32(stage.temperature)
@@ -136,6 +140,8 @@ def rl_step(
       "temperature": stage.temperature,
       "advantage/mean": float(adv_PG.mean()),
       "advantage/kept_share": float(keep_PG.mean()),
+      "learner/rows": batch.tokens_BS.shape[0],
+      "learner/fill": float(np.sum(batch.segments_BS > 0) / batch.segments_BS.size),
       "time/rollout": t1 - t0,
       "time/grading": t2 - t1,
       "time/reference": ref_time,
