@@ -157,6 +157,16 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
 
 
+def dense(x_BTI: jax.Array, w: jax.Array) -> jax.Array:
+  """x [B, T, I] times w [I, *O] as one [B*T, I] x [I, prod O] matrix product -> [B, T, *O].
+
+  The same contraction as einsum("bti,i...->bt..."), written as a 2D matmul: XLA's CPU
+  backend ran the batched 3D form's backward about 2x slower (toy MLP shapes)."""
+  B, T, I = x_BTI.shape
+  out = x_BTI.reshape(B * T, I) @ w.reshape(I, -1)
+  return out.reshape(B, T, *w.shape[1:])
+
+
 class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -178,9 +188,9 @@ class Attention(nnx.Module):
 
   def project(self, x_BTD, positions_BT, inv_freq):
     cfg, dt = self.cfg, self.cfg.jnp_dtype
-    q = jnp.einsum("btd,dnh->btnh", x_BTD, self.q_DNH[...].astype(dt))
-    k = jnp.einsum("btd,dkh->btkh", x_BTD, self.k_DKH[...].astype(dt))
-    v = jnp.einsum("btd,dkh->btkh", x_BTD, self.v_DKH[...].astype(dt))
+    q = dense(x_BTD, self.q_DNH[...].astype(dt))
+    k = dense(x_BTD, self.k_DKH[...].astype(dt))
+    v = dense(x_BTD, self.v_DKH[...].astype(dt))
     if cfg.qkv_bias:
       q = q + self.q_bias_NH[...].astype(dt)
       k = k + self.k_bias_KH[...].astype(dt)
@@ -238,7 +248,9 @@ class Attention(nnx.Module):
 
   def out_proj(self, out_BTNH):
     cfg = self.cfg
-    out = jnp.einsum("btnh,nhd->btd", out_BTNH, self.o_NHD[...].astype(cfg.jnp_dtype))
+    B, T, N, H = out_BTNH.shape
+    o_FD = self.o_NHD[...].astype(cfg.jnp_dtype).reshape(N * H, cfg.hidden_size)
+    out = dense(out_BTNH.reshape(B, T, N * H), o_FD)
     if cfg.o_bias:
       out = out + self.o_bias_D[...].astype(cfg.jnp_dtype)
     return out
@@ -254,10 +266,10 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BTD):
     dt = self.dtype
-    gate = jnp.einsum("btd,df->btf", x_BTD, self.gate_DF[...].astype(dt))
-    up = jnp.einsum("btd,df->btf", x_BTD, self.up_DF[...].astype(dt))
+    gate = dense(x_BTD, self.gate_DF[...].astype(dt))
+    up = dense(x_BTD, self.up_DF[...].astype(dt))
     h = shard(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-    return jnp.einsum("btf,fd->btd", h, self.down_FD[...].astype(dt))
+    return dense(h, self.down_FD[...].astype(dt))
 
 
 class Block(nnx.Module):
