@@ -1,7 +1,6 @@
 """The packed learner layout against the padded one: the same loss, gradients and metrics
 (float32 summation order only), for every aggregation mode, positive-only rows and KL."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -47,9 +47,8 @@ def mismatch(cfg: ModelConfig, prompts, temperature: float, new_tokens: int, sam
   tokens, mask = (np.asarray(x) for x in roll.full_sequence())
   B, C = np.asarray(roll.completion_tokens_BC).shape
   zeros = np.zeros((B, C), np.float32)
-  batch = Batch(
+  fields = dict(
     tokens_BS=tokens,
-    mask_BS=mask,
     positions_BS=np.asarray(positions_from_mask(mask)),
     targets_BC=np.asarray(roll.completion_tokens_BC),
     old_logp_BC=zeros,
@@ -58,6 +57,13 @@ def mismatch(cfg: ModelConfig, prompts, temperature: float, new_tokens: int, sam
     weight_BC=zeros,
     select_BC=zeros,
   )
+  if "segments_BS" in Batch.__dataclass_fields__:  # today's layout fields
+    Tp = np.asarray(roll.prompt_tokens_BTp).shape[1]
+    fields.update(segments_BS=mask.astype(np.int32), completion_BC=mask[:, Tp:],
+                  sampler_logp_BC=zeros, head_start=Tp - 1)  # fmt: skip
+  else:  # an older checkout (PYTHONPATH=...): its padded Batch
+    fields.update(mask_BS=mask)
+  batch = Batch(**fields)
   learner = jax.jit(completion_logprobs, static_argnums=(1, 4))
   logp = lambda model: np.asarray(learner(*nnx.split(model)[::-1], batch, temperature, 96)[0])
   ours = logp(model)

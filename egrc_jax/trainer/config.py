@@ -193,6 +193,10 @@ def r1_distill_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   c.rollout.num_samples = 8
   c.rollout.max_new_tokens = 8192  # L
   c.rollout.prompt_buckets = (256, 512, 1024)
+  # With bfloat16 compute the sampler (cached decode) and the learner (full forward) round
+  # differently (max |delta log p| ~5e-2 on a tiny model, docs/attention.md): the learner's own
+  # old logprobs keep the PPO ratio exact, at the cost of one more forward pass per step.
+  c.rollout.recompute_old_logprobs = "always"
   c.grading.workers = 8
   c.grading.timeout_s = 10.0
   c.compress.steps = 200
