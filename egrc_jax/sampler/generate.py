@@ -196,7 +196,16 @@ def generate_state(
   """`generate` over a split model (graphdef, state): the trainer passes its live policy
   state (no copy). prompt_ids: one integer per prompt folded into its PRNG keys (default:
   the prompt's position in `prompts`); give stable ids (e.g. dataset indices) to make a
-  prompt's samples independent of where it sits in the batch."""
+  prompt's samples independent of where it sits in the batch. cfg.loop picks the decode
+  loop: "lockstep" (here) or "continuous" (`continuous.generate_continuous_state`), same
+  output."""
+  if cfg.loop == "continuous":
+    # Imported here: continuous.py builds on this module's prefill and helpers.
+    from egrc_jax.sampler.continuous import generate_continuous_state
+
+    return generate_continuous_state(
+      graphdef, state, prompts, cfg, num_samples, seed, mesh, prompt_ids
+    )
   if num_samples < 1:
     raise ValueError(f"num_samples={num_samples} must be >= 1 (G samples per prompt)")
   model_cfg = nnx.merge(graphdef, state).cfg

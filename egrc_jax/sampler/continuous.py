@@ -1,0 +1,387 @@
+"""Continuous batching: a fixed number of decode slots, each refilled on device with the next
+pending (prompt, sample) pair as soon as its row stops.
+
+Shape letters: P prompts, G samples per prompt, N = P * G pairs (prompt-major: pair p*G + g,
+the lock-step row order), B slots (B_s = min(num_slots, N)), Tp padded prompt length, C
+completion budget, V vocab.
+
+Flow of `continuous_rollout`:
+  1. host: pad and bucket the prompts as the lock-step sampler does;
+  2. `prefill` (the lock-step one, G = 1, S = Tp): one cached forward over [P, Tp]; the
+     cache is the prompt cache that the G samples of a group read (no G-fold copy);
+  3. `continuous_decode` (jit): token 0 of every pair is drawn from its prompt's prefill
+     logits (in chunks of prompts); pairs whose token 0 is a stop (or C = 1) are complete.
+     The others queue in pair order. One `lax.while_loop` then steps all B slots: each
+     feeds its last token, writes its key/value into its own completion KV, attends over
+     its prompt's cache + its completion (`slot_kv`), draws token t and writes it to the
+     output buffers at [pair, t]. A slot whose row stopped (stop token, or t = C - 1)
+     takes the next queued pair in the same iteration: no host round trip.
+Randomness is the lock-step design: pair (p, g) draws token t with
+fold_in(fold_in(fold_in(key(seed), prompt_id[p]), g), t) and the same `sample_step`, so its
+tokens do not depend on which slot, or next to which pairs, it ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from egrc_jax.model import KVCache
+from egrc_jax.model.logical import shard
+from egrc_jax.model.transformer import rope_inv_freq
+from egrc_jax.sampler.config import SamplingConfig
+from egrc_jax.sampler.generate import (
+  TRACE_COUNTS,
+  _is_stop,
+  _put,
+  _row_keys,
+  check_config,
+  prefill,
+  prepare_prompts,
+)
+from egrc_jax.sampler.rollout import Rollout
+from egrc_jax.sampler.sampling import sample_step
+from egrc_jax.sampler.slot_kv import DenseSlotKV, PagedSlotKV, SlotStep, _batch_shards
+
+_FIRST_DRAW_ROWS = 512  # rows of one chunk of token-0 draws ([rows, V] float32 at a time)
+
+
+def resolve_layout(cfg: SamplingConfig, platform: str) -> str:
+  """The KV layout a run uses: "auto" is paged on TPU (the kernel) and dense elsewhere."""
+  if cfg.kv_layout != "auto":
+    return cfg.kv_layout
+  return "paged" if platform == "tpu" else "dense"
+
+
+def first_draws(last_PV, prompt_ids_P, seed, cfg: SamplingConfig, num_samples: int):
+  """Token 0 of every pair: `sample_step` on its prompt's prefill logits with the key
+  fold_in(row key, 0). Returns (tokens, logprob, policy logprob, entropy), each [N]."""
+  Pn, V = last_PV.shape
+  G = num_samples
+  c = max(d for d in range(1, Pn + 1) if Pn % d == 0 and d * G <= max(_FIRST_DRAW_ROWS, G))
+
+  def chunk(args):
+    last_cV, ids_c = args
+    ids_B = jnp.repeat(ids_c, G)
+    keys_B = _row_keys(seed, ids_B, jnp.tile(jnp.arange(G, dtype=jnp.int32), c))
+    keys_B = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys_B)
+    return sample_step(jnp.repeat(last_cV, G, axis=0), keys_B, cfg)
+
+  outs = jax.lax.map(chunk, (last_PV.reshape(Pn // c, c, V), prompt_ids_P.reshape(Pn // c, c)))
+  return tuple(x.reshape(Pn * G) for x in outs)
+
+
+def _out_proj(attn, out_BNH):
+  """The lock-step T = 1 output projection (`Attention.attend_cache`): N*H contracted as
+  one axis, so both loops run the same dot."""
+  cfg = attn.cfg
+  B, N, H = out_BNH.shape
+  o_FD = attn.o_NHD[...].astype(cfg.jnp_dtype).reshape(N * H, cfg.hidden_size)
+  out_BD = out_BNH.reshape(B, N * H) @ o_FD
+  if cfg.o_bias:
+    out_BD = out_BD + attn.o_bias_D[...].astype(cfg.jnp_dtype)
+  return out_BD
+
+
+def slot_logits(model, kv, tok_B, step: SlotStep):
+  """One decode step of every slot: token t_b - 1 at position len_p + t_b - 1 through the
+  model's own pieces (embed, each block's norms / projections / MLP, final norm, logits).
+  Returns (float32 logits [B, V], the updated KV layout)."""
+  inv_freq = rope_inv_freq(model.cfg)
+  pos_B1 = (step.prompt_len_B + step.t_B - 1)[:, None]
+  x_B1D = model.embed(tok_B[:, None])
+  for i, layer in enumerate(model.layers):
+    q, k, v = layer.attn.project(layer.attn_norm(x_B1D), pos_B1, inv_freq)
+    out_BNH, kv = kv.attend(i, q[:, 0], k[:, 0], v[:, 0], step)
+    x_B1D = x_B1D + _out_proj(layer.attn, out_BNH)[:, None]
+    x_B1D = x_B1D + layer.mlp(layer.mlp_norm(x_B1D))
+    x_B1D = shard(x_B1D, ("batch", "length", "embed"))
+  return model.logits(model.final_norm(x_B1D))[:, 0], kv
+
+
+def _make_kv(prompt_cache, prompt_len_P, cfg, num_slots, layout, platform):
+  C = cfg.max_new_tokens
+  if layout == "dense":
+    return DenseSlotKV.create(prompt_cache, num_slots, C)
+  return PagedSlotKV.create(
+    prompt_cache, prompt_len_P, num_slots, C, cfg.page_size, use_kernel=platform == "tpu"
+  )
+
+
+@flax.struct.dataclass
+class Slots:
+  """The loop carry of B slots: the KV layout, each slot's pair (N = none), step t_b and
+  last token; the queue head; the output buffers [N, C]; counters (int32 scalars): loop
+  steps, active slot-steps, slot-steps (slots x steps, summed over the shrink levels)."""
+
+  kv: DenseSlotKV | PagedSlotKV
+  pair_B: jax.Array
+  t_B: jax.Array
+  tok_B: jax.Array
+  head: jax.Array
+  bufs: dict
+  steps: jax.Array
+  busy: jax.Array
+  slot_steps: jax.Array
+
+
+def shrink_plan(num_slots: int, shards: int, levels: int) -> tuple[int, ...]:
+  """Slot counts of the loop's levels: B, B/2, ... while each of the D shards keeps a
+  whole, even number of slots, at most `levels` halvings."""
+  sizes = [num_slots]
+  while len(sizes) <= levels and (sizes[-1] // shards) % 2 == 0:
+    sizes.append(sizes[-1] // 2)
+  return tuple(sizes)
+
+
+def _shrink(slots: Slots, size: int, shards: int, N: int) -> Slots:
+  """Move each shard's active slots (at most half of its slots, in order) into `size`
+  slots; the rest of the new slots are idle. Slots never leave their shard."""
+  B = slots.pair_B.shape[0]
+  per, keep = B // shards, size // shards
+  active_DS = (slots.pair_B < N).reshape(shards, per)
+  idx_DK = jax.vmap(lambda a: jnp.nonzero(a, size=keep, fill_value=0)[0])(active_DS)
+  live_DK = jnp.arange(keep)[None, :] < jnp.sum(active_DS, 1, keepdims=True)
+
+  def take(x_B):
+    x_DS = x_B.reshape(shards, per, *x_B.shape[1:])
+    idx = idx_DK.reshape(shards, keep, *([1] * (x_B.ndim - 1)))
+    return jnp.take_along_axis(x_DS, idx, axis=1).reshape(size, *x_B.shape[1:])
+
+  pair_B = jnp.where(live_DK.reshape(size), take(slots.pair_B), N)
+  return slots.replace(
+    kv=slots.kv.take(take), pair_B=pair_B, t_B=take(slots.t_B), tok_B=take(slots.tok_B)
+  )
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("graphdef", "cfg", "num_samples", "num_slots", "layout", "platform"),
+)
+def continuous_decode(
+  graphdef,
+  state,
+  prompt_cache: KVCache,
+  last_PV,
+  prompt_len_P,
+  prompt_ids_P,
+  seed,
+  *,
+  cfg: SamplingConfig,
+  num_samples: int,
+  num_slots: int,
+  layout: str,
+  platform: str,
+):
+  """Draw up to C tokens for each of the N pairs over B = num_slots slots. Returns (bufs:
+  tokens, mask, logprobs, policy logprobs, entropy, each [N, C]; lengths [N]; truncated
+  [N]; stats: steps, active_slot_steps, slot_steps as int32 scalars).
+
+  Levels: once no pair is pending and every shard has at most half of its slots active,
+  the live slots move into half as many (`shrink_plan`, up to cfg.shrink_levels times),
+  so the drain at the end runs on fewer rows. Each level is one more loop in the program;
+  none needs the host."""
+  TRACE_COUNTS["continuous_decode"] += 1
+  model = nnx.merge(graphdef, state)
+  G, C, B = num_samples, cfg.max_new_tokens, num_slots
+  Pn = last_PV.shape[0]
+  N = Pn * G
+  D = _batch_shards()
+  tok0_N, lp0_N, plp0_N, ent0_N = first_draws(last_PV, prompt_ids_P, seed, cfg, G)
+  f32 = lambda x0: jnp.zeros((N, C), jnp.float32).at[:, 0].set(x0)
+  bufs = {
+    "tokens": jnp.full((N, C), cfg.pad_id, jnp.int32).at[:, 0].set(tok0_N),
+    "mask": jnp.zeros((N, C), bool).at[:, 0].set(True),
+    "logprobs": f32(lp0_N),
+    "policy_logprobs": f32(plp0_N),
+    "entropy": f32(ent0_N),
+  }
+  # The queue: pairs that need a slot, in pair order, padded with N (= no pair).
+  need_N = ~_is_stop(tok0_N, cfg.stop_token_ids) & (C > 1)
+  queue_N = jnp.nonzero(need_N, size=N, fill_value=N)[0].astype(jnp.int32)
+  count = jnp.sum(need_N, dtype=jnp.int32)
+  queue_at = lambda i: jnp.where(i < count, queue_N[jnp.minimum(i, N - 1)], N)
+
+  def step_of(pair_B, t_B):
+    active_B = pair_B < N
+    prompt_B = jnp.where(active_B, pair_B // G, 0)
+    return SlotStep(prompt_B, t_B, prompt_len_P[prompt_B], active_B)
+
+  def body(c: Slots) -> Slots:
+    step = step_of(c.pair_B, c.t_B)
+    logits_BV, kv = slot_logits(model, c.kv, c.tok_B, step)
+    keys_B = _row_keys(seed, prompt_ids_P[step.prompt_B], c.pair_B % G)
+    keys_B = jax.vmap(jax.random.fold_in)(keys_B, c.t_B)
+    new_B, lp_B, plp_B, ent_B = sample_step(logits_BV, keys_B, cfg)
+    # Idle slots hold pair N: their writes fall outside [N, C] and are dropped.
+    put = lambda buf, x: buf.at[c.pair_B, c.t_B].set(x, mode="drop", unique_indices=True)
+    values = {
+      "tokens": new_B,
+      "mask": step.active_B,
+      "logprobs": lp_B,
+      "policy_logprobs": plp_B,
+      "entropy": ent_B,
+    }
+    bufs = {k: put(c.bufs[k], x) for k, x in values.items()}
+    stopped_B = _is_stop(new_B, cfg.stop_token_ids) | (c.t_B + 1 >= C)
+    free_B = ~step.active_B | stopped_B
+    rank_B = jnp.cumsum(free_B, dtype=jnp.int32) - 1
+    take_pair_B = queue_at(c.head + rank_B)
+    pair_B = jnp.where(free_B, take_pair_B, c.pair_B)
+    t_B = jnp.where(free_B, 1, c.t_B + 1)
+    tok_B = jnp.where(free_B, tok0_N[jnp.minimum(take_pair_B, N - 1)], new_B)
+    kv = kv.refill(free_B & (take_pair_B < N), step_of(pair_B, t_B))
+    return Slots(
+      kv=kv,
+      pair_B=pair_B,
+      t_B=t_B,
+      tok_B=tok_B,
+      head=jnp.minimum(c.head + jnp.sum(free_B, dtype=jnp.int32), count),
+      bufs=bufs,
+      steps=c.steps + 1,
+      busy=c.busy + jnp.sum(step.active_B, dtype=jnp.int32),
+      slot_steps=c.slot_steps + pair_B.shape[0],
+    )
+
+  pair_B = queue_at(jnp.arange(B, dtype=jnp.int32))
+  t_B = jnp.ones((B,), jnp.int32)
+  kv = _make_kv(prompt_cache, prompt_len_P, cfg, B, layout, platform)
+  zero = jnp.zeros((), jnp.int32)
+  slots = Slots(
+    kv=kv.refill(pair_B < N, step_of(pair_B, t_B)),
+    pair_B=pair_B,
+    t_B=t_B,
+    tok_B=tok0_N[jnp.minimum(pair_B, N - 1)],
+    head=jnp.minimum(jnp.asarray(B, jnp.int32), count),
+    bufs=bufs,
+    steps=zero,
+    busy=zero,
+    slot_steps=zero,
+  )
+  sizes = shrink_plan(B, D, cfg.shrink_levels)
+  for level, size in enumerate(sizes):
+    if level:
+      slots = _shrink(slots, size, D, N)
+    last = level == len(sizes) - 1
+
+    def cond(c: Slots, last=last):
+      active_DS = (c.pair_B < N).reshape(D, -1)
+      go = jnp.any(active_DS)
+      if last:
+        return go
+      # Stay at this size while a pair is pending or some shard is over half full.
+      half = active_DS.shape[1] // 2
+      return go & ((c.head < count) | jnp.any(jnp.sum(active_DS, 1) > half))
+
+    slots = jax.lax.while_loop(cond, body, slots)
+  bufs = slots.bufs
+  lengths_N = jnp.sum(bufs["mask"], axis=-1, dtype=jnp.int32)
+  last_N = jnp.take_along_axis(bufs["tokens"], (lengths_N - 1)[:, None], 1)[:, 0]
+  truncated_N = ~_is_stop(last_N, cfg.stop_token_ids)
+  stats = {"steps": slots.steps, "active_slot_steps": slots.busy, "slot_steps": slots.slot_steps}
+  return bufs, lengths_N, truncated_N, stats
+
+
+def continuous_rollout(
+  graphdef: nnx.GraphDef,
+  state: nnx.State,
+  prompts: Sequence[Sequence[int]],
+  cfg: SamplingConfig,
+  num_samples: int = 1,
+  seed: int = 0,
+  mesh: Mesh | None = None,
+  prompt_ids: Sequence[int] | None = None,
+) -> tuple[Rollout, dict]:
+  """`generate_state` with the continuous loop. Returns (the Rollout, exactly as the
+  lock-step loop lays it out, and host stats: steps, active_slot_steps, num_slots, pairs,
+  slot_utilisation = active slot-steps / (slots x steps), kv_bytes {prompt, completion})."""
+  if num_samples < 1:
+    raise ValueError(f"num_samples={num_samples} must be >= 1 (G samples per prompt)")
+  model_cfg = nnx.merge(graphdef, state).cfg
+  tokens_PT, mask_PT, lengths_P = prepare_prompts(prompts, cfg, model_cfg.vocab_size)
+  check_config(cfg, model_cfg.vocab_size, model_cfg.max_position_embeddings, int(lengths_P.max()))
+  ids = np.arange(len(prompts)) if prompt_ids is None else np.asarray(prompt_ids)
+  if ids.shape != (len(prompts),):
+    raise ValueError(f"prompt_ids has shape {ids.shape}; give one id per prompt")
+  G, (Pn, Tp) = num_samples, tokens_PT.shape
+  B = min(cfg.num_slots, Pn * G)
+  platform = jax.default_backend()
+  layout = resolve_layout(cfg, platform)
+  rep = lambda x: np.repeat(x, G, axis=0)
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    last_PV, cache = prefill(
+      graphdef, state, _put(tokens_PT, mesh), _put(mask_PT, mesh), num_samples=1, cache_size=Tp
+    )
+    bufs, lengths_N, truncated_N, stats = continuous_decode(
+      graphdef,
+      state,
+      cache,
+      last_PV,
+      jnp.asarray(lengths_P),
+      jnp.asarray(ids.astype(np.int32)),
+      jnp.asarray(seed, jnp.uint32),
+      cfg=cfg,
+      num_samples=G,
+      num_slots=B,
+      layout=layout,
+      platform=platform,
+    )
+  rollout = Rollout(
+    prompt_tokens_BTp=_put(rep(tokens_PT), mesh),
+    prompt_mask_BTp=_put(rep(mask_PT), mesh),
+    completion_tokens_BC=bufs["tokens"],
+    completion_mask_BC=bufs["mask"],
+    lengths_B=lengths_N,
+    truncated_B=truncated_N,
+    logprobs_BC=bufs["logprobs"],
+    policy_logprobs_BC=bufs["policy_logprobs"],
+    entropy_BC=bufs["entropy"],
+    prompt_index_B=_put(np.arange(Pn * G, dtype=np.int32) // G, mesh),
+    num_samples=G,
+  )
+  host = {k: int(v) for k, v in stats.items()} | {"num_slots": B, "pairs": Pn * G}
+  host["slot_utilisation"] = host["active_slot_steps"] / max(host["slot_steps"], 1)
+  D = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  host["kv_bytes"] = kv_layout_bytes(model_cfg, cfg, Pn, Tp, B, layout, D)
+  host["layout"] = layout
+  return rollout, host
+
+
+def kv_layout_bytes(model_cfg, cfg: SamplingConfig, num_prompts: int, prompt_len: int,
+                    num_slots: int, layout: str, batch_shards: int = 1) -> dict[str, int]:
+  """{prompt, completion} bytes of the continuous loop's KV over all layers and shards, from
+  shapes: dense P*Tp + B*C token slots per layer (k and v), paged D*P*n_p + B*W pages of Pg
+  (`slot_kv`); the lock-step loop holds P*G*(Tp + C)."""
+  per_token = 2 * model_cfg.num_layers * model_cfg.num_kv_heads * model_cfg.head_dim
+  per_token *= model_cfg.jnp_dtype.itemsize
+  C = cfg.max_new_tokens
+  if layout == "dense":
+    return {"prompt": per_token * num_prompts * prompt_len, "completion": per_token * num_slots * C}
+  Pg = cfg.page_size
+  n_p, W = -(-prompt_len // Pg), -(-(Pg - 1 + C) // Pg)
+  return {
+    "prompt": per_token * batch_shards * num_prompts * n_p * Pg,
+    "completion": per_token * num_slots * W * Pg,
+  }
+
+
+def generate_continuous_state(
+  graphdef: nnx.GraphDef,
+  state: nnx.State,
+  prompts: Sequence[Sequence[int]],
+  cfg: SamplingConfig,
+  num_samples: int = 1,
+  seed: int = 0,
+  mesh: Mesh | None = None,
+  prompt_ids: Sequence[int] | None = None,
+) -> Rollout:
+  """`continuous_rollout` without the stats: the drop-in for `generate_state`."""
+  return continuous_rollout(graphdef, state, prompts, cfg, num_samples, seed, mesh, prompt_ids)[0]
