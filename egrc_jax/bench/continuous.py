@@ -74,15 +74,20 @@ def _args(argv):
   size.add_argument("--small", action="store_true", help="a smaller model, a few minutes")
   size.add_argument("--tiny", action="store_true", help="seconds; for the test suite")
   for name in FIELDS:
-    p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help="override the preset")
+    p.add_argument(
+      f"--{name.replace('_', '-')}", type=int, default=None, help="override the preset"
+    )
   p.add_argument("--hit-frac", type=float, default=0.2, help="h: share of rows that reach L")
   p.add_argument("--head-scale", type=float, default=0.1, help="lm head scale (long tail)")
   p.add_argument("--slots", default="32,64", help="continuous slot counts to time")
-  p.add_argument("--reps", type=int, default=1, help="timed runs per loop (best kept)")
+  p.add_argument(
+    "--reps", type=int, default=1, help="timed runs per loop (best kept; 0: time the first)"
+  )
+  p.add_argument("--shrink-levels", type=int, default=SamplingConfig.shrink_levels)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--skip-tunix", action="store_true", help="no Tunix peer")
   p.add_argument("--skip-tunix-long-tail", action="store_true", help="Tunix fixed length only")
-  p.add_argument("--skip-paged", action="store_true", help="no paged-layout run on CPU")
+  p.add_argument("--skip-paged", action="store_true", help="no split / paged layout runs")
   p.add_argument("--out", default=None, help="write the results as JSON here")
   a = p.parse_args(argv)
   preset = SIZES["small" if a.small else "tiny" if a.tiny else "default"]
@@ -143,6 +148,9 @@ def time_loops(graphdef, state, prompts, cfgs: dict, G: int, seed: int, reps: in
     r, stats = _rollout(graphdef, state, prompts, cfg, G, seed)
     out[name] = {"first_call_s": time.perf_counter() - t, "wall_s": float("inf"), "stats": stats}
     out[name]["rollout"] = r
+  if reps == 0:
+    for row in out.values():
+      row["wall_s"] = row["first_call_s"]  # includes the compile
   for _ in range(reps):
     for name, cfg in cfgs.items():
       t = time.perf_counter()
@@ -175,10 +183,12 @@ def long_tail(a, graphdef, state, mcfg) -> dict:
   )
   cfgs = {"lockstep": base}
   for b in a.slot_counts:
-    cfgs[f"continuous_{b}"] = base.replace(loop="continuous", num_slots=b, kv_layout="dense")
-  if not a.skip_paged:
-    b = a.slot_counts[0]
-    cfgs[f"paged_{b}"] = base.replace(loop="continuous", num_slots=b, kv_layout="paged")
+    cfgs[f"continuous_{b}"] = base.replace(
+      loop="continuous", num_slots=b, kv_layout="dense", shrink_levels=a.shrink_levels
+    )
+  b = a.slot_counts[0]
+  for layout in () if a.skip_paged else ("split", "paged"):
+    cfgs[f"{layout}_{b}"] = cfgs[f"continuous_{b}"].replace(kv_layout=layout)
   runs = time_loops(graphdef, state, prompts, cfgs, a.samples, a.seed, a.reps)
   ref = runs["lockstep"]["rollout"]
   lengths = np.asarray(ref.lengths_B)
@@ -227,7 +237,8 @@ def fixed_length(a, graphdef, state) -> dict:
   out = {"prompts": prompts, "modes": {}}
   for mode, kw in (("greedy", dict(greedy=True)), ("sampled", dict(temperature=1.0, top_p=1.0))):
     base = SamplingConfig(max_new_tokens=a.fixed_new, prompt_buckets=(a.fixed_prompt_len,), **kw)
-    cfgs = {"lockstep": base, "continuous": base.replace(loop="continuous", num_slots=N)}
+    cont = base.replace(loop="continuous", num_slots=N, shrink_levels=a.shrink_levels)
+    cfgs = {"lockstep": base, "continuous": cont}
     runs = time_loops(graphdef, state, prompts, cfgs, a.fixed_samples, a.seed, a.reps)
     out["modes"][mode] = {}
     for name, r in runs.items():
@@ -246,23 +257,27 @@ def tunix_jobs(a, fixed: dict, tail: dict | None) -> list[dict]:
   rows = lambda ps, G: [p for p in ps for _ in range(G)]
   jobs = []
   for mode in ("greedy", "sampled"):
-    jobs.append({
-      "name": f"fixed_{mode}",
-      "weights": "fixed",
-      "prompts": rows(fixed["prompts"], a.fixed_samples),
-      "max_new": a.fixed_new,
-      "greedy": mode == "greedy",
-      "eos": [a.vocab],  # never sampled: every row decodes max_new tokens
-    })
+    jobs.append(
+      {
+        "name": f"fixed_{mode}",
+        "weights": "fixed",
+        "prompts": rows(fixed["prompts"], a.fixed_samples),
+        "max_new": a.fixed_new,
+        "greedy": mode == "greedy",
+        "eos": [a.vocab],  # never sampled: every row decodes max_new tokens
+      }
+    )
   if tail is not None:
-    jobs.append({
-      "name": "long_tail",
-      "weights": "long_tail",
-      "prompts": rows(tail["prompts"], a.samples),
-      "max_new": a.max_new,
-      "greedy": False,
-      "eos": list(stop_ids(a.vocab, a.max_new, a.hit_frac)),
-    })
+    jobs.append(
+      {
+        "name": "long_tail",
+        "weights": "long_tail",
+        "prompts": rows(tail["prompts"], a.samples),
+        "max_new": a.max_new,
+        "greedy": False,
+        "eos": list(stop_ids(a.vocab, a.max_new, a.hit_frac)),
+      }
+    )
   return jobs
 
 
@@ -328,7 +343,12 @@ def run(a) -> dict:
   fixed["modes"]["greedy"].pop("greedy_tokens")
   tail.pop("prompts")
   fixed.pop("prompts")
-  return result | {"long_tail": tail, "fixed": fixed, "tunix": tunix, "ratios": ratios(tail, fixed, tunix)}
+  return result | {
+    "long_tail": tail,
+    "fixed": fixed,
+    "tunix": tunix,
+    "ratios": ratios(tail, fixed, tunix),
+  }
 
 
 def ratios(tail: dict, fixed: dict, tunix: dict) -> dict:
@@ -355,8 +375,9 @@ def table(res: dict) -> str:
   lines = [
     f"model {c['params'] / 1e6:.1f}M params (hidden {c['hidden']}, {c['layers']} layers, "
     f"vocab {c['vocab']}); machine {res['machine']}",
-    f"long tail: P x G = {c['prompts']} x {c['samples']}, Tp {c['prompt_len']}, L {c['max_new']},"
-    f" {t['stop_tokens']} stop ids; mean length {t['mean_length']:.0f}, {t['hit_L_frac']:.0%} hit L",
+    f"long tail: P x G = {c['prompts']} x {c['samples']}, Tp {c['prompt_len']}, "
+    f"L {c['max_new']}, {t['stop_tokens']} stop ids; mean length {t['mean_length']:.0f}, "
+    f"{t['hit_L_frac']:.0%} hit L",
     f"{'loop':16} {'wall s':>8} {'useful tok/s':>13} {'vs lock':>8} {'util':>6} {'steps':>6} "
     f"{'KV/layer MiB':>13} {'KV ratio':>9} {'same tokens':>12}",
   ]
@@ -373,7 +394,9 @@ def table(res: dict) -> str:
   )
   for mode, rows in res["fixed"]["modes"].items():
     for name, row in rows.items():
-      lines.append(f"  {mode:8} {name:11} {row['tok_s']:9.1f} tok/s  same {row['tokens_identical']}")
+      lines.append(
+        f"  {mode:8} {name:11} {row['tok_s']:9.1f} tok/s  same {row['tokens_identical']}"
+      )
     tx = res["tunix"].get(f"fixed_{mode}")
     if tx:
       lines.append(f"  {mode:8} {'tunix':11} {tx['tok_s']:9.1f} tok/s")

@@ -65,7 +65,9 @@ def run_job(model, cfg, job, seed, reps):
   prompts = [" ".join(map(str, p)) for p in job["prompts"]]
   Tp, C = max(len(p) for p in job["prompts"]), job["max_new"]
   cache = sampler_lib.CacheConfig(
-    cache_size=Tp + C, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
+    cache_size=Tp + C,
+    num_layers=cfg.num_layers,
+    num_kv_heads=cfg.num_kv_heads,
     head_dim=cfg.head_dim,
   )
   sampler = sampler_lib.Sampler(model, IdTokenizer(), cache)
@@ -103,8 +105,12 @@ def main(job_path, out_path):
       path = spec["weights"][job["weights"]]
       models[job["weights"]] = qwen2_params.create_model_from_safe_tensors(path, cfg)
     result[job["name"]] = run_job(models[job["weights"]], cfg, job, spec["seed"], spec["reps"])
-    print(job["name"], {k: v for k, v in result[job["name"]].items() if k != "tokens"},
-          file=sys.stderr, flush=True)
+    print(
+      job["name"],
+      {k: v for k, v in result[job["name"]].items() if k != "tokens"},
+      file=sys.stderr,
+      flush=True,
+    )
   with open(out_path, "w") as f:
     json.dump(result, f)
 

@@ -6,7 +6,7 @@ import dataclasses
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 LOOPS = ("lockstep", "continuous")
-KV_LAYOUTS = ("auto", "dense", "paged")
+KV_LAYOUTS = ("auto", "dense", "split", "paged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +35,9 @@ class SamplingConfig:
   # continuous: once nothing is pending, live rows move into B_s/2, B_s/4, ... slots, at
   # most this many times (0 = never); each level compiles one more loop body.
   shrink_levels: int = 3
-  # continuous: "dense" prompt cache + per-slot completion cache (the CPU path), "paged"
-  # page pool read by the TPU paged-attention kernel, "auto": paged on TPU, dense elsewhere.
+  # continuous: "dense" slots of Tp + C (the lock-step arithmetic; CPU), "split" slots of C
+  # + the shared prompt cache, "paged" page pool read by the TPU paged-attention kernel,
+  # "auto": paged on TPU, dense elsewhere (docs/sampler.md).
   kv_layout: str = "auto"
   page_size: int = 16  # paged: tokens per KV page (Pg).
 

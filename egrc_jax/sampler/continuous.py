@@ -47,9 +47,10 @@ from egrc_jax.sampler.generate import (
   prefill,
   prepare_prompts,
 )
+from egrc_jax.sampler.paged_kv import PagedSlotKV, _batch_shards
 from egrc_jax.sampler.rollout import Rollout
 from egrc_jax.sampler.sampling import sample_step
-from egrc_jax.sampler.slot_kv import DenseSlotKV, PagedSlotKV, SlotStep, _batch_shards
+from egrc_jax.sampler.slot_kv import DenseSlotKV, SlotStep, SplitSlotKV
 
 _FIRST_DRAW_ROWS = 512  # rows of one chunk of token-0 draws ([rows, V] float32 at a time)
 
@@ -79,18 +80,6 @@ def first_draws(last_PV, prompt_ids_P, seed, cfg: SamplingConfig, num_samples: i
   return tuple(x.reshape(Pn * G) for x in outs)
 
 
-def _out_proj(attn, out_BNH):
-  """The lock-step T = 1 output projection (`Attention.attend_cache`): N*H contracted as
-  one axis, so both loops run the same dot."""
-  cfg = attn.cfg
-  B, N, H = out_BNH.shape
-  o_FD = attn.o_NHD[...].astype(cfg.jnp_dtype).reshape(N * H, cfg.hidden_size)
-  out_BD = out_BNH.reshape(B, N * H) @ o_FD
-  if cfg.o_bias:
-    out_BD = out_BD + attn.o_bias_D[...].astype(cfg.jnp_dtype)
-  return out_BD
-
-
 def slot_logits(model, kv, tok_B, step: SlotStep):
   """One decode step of every slot: token t_b - 1 at position len_p + t_b - 1 through the
   model's own pieces (embed, each block's norms / projections / MLP, final norm, logits).
@@ -99,9 +88,10 @@ def slot_logits(model, kv, tok_B, step: SlotStep):
   pos_B1 = (step.prompt_len_B + step.t_B - 1)[:, None]
   x_B1D = model.embed(tok_B[:, None])
   for i, layer in enumerate(model.layers):
+    # As `Block.__call__` does it, with the slot layout's write and attention.
     q, k, v = layer.attn.project(layer.attn_norm(x_B1D), pos_B1, inv_freq)
-    out_BNH, kv = kv.attend(i, q[:, 0], k[:, 0], v[:, 0], step)
-    x_B1D = x_B1D + _out_proj(layer.attn, out_BNH)[:, None]
+    out_B1D, kv = kv.attend(i, layer.attn, q, k, v, step)
+    x_B1D = x_B1D + out_B1D
     x_B1D = x_B1D + layer.mlp(layer.mlp_norm(x_B1D))
     x_B1D = shard(x_B1D, ("batch", "length", "embed"))
   return model.logits(model.final_norm(x_B1D))[:, 0], kv
@@ -111,6 +101,8 @@ def _make_kv(prompt_cache, prompt_len_P, cfg, num_slots, layout, platform):
   C = cfg.max_new_tokens
   if layout == "dense":
     return DenseSlotKV.create(prompt_cache, num_slots, C)
+  if layout == "split":
+    return SplitSlotKV.create(prompt_cache, num_slots, C)
   return PagedSlotKV.create(
     prompt_cache, prompt_len_P, num_slots, C, cfg.page_size, use_kernel=platform == "tpu"
   )
@@ -122,7 +114,7 @@ class Slots:
   last token; the queue head; the output buffers [N, C]; counters (int32 scalars): loop
   steps, active slot-steps, slot-steps (slots x steps, summed over the shrink levels)."""
 
-  kv: DenseSlotKV | PagedSlotKV
+  kv: DenseSlotKV | SplitSlotKV | PagedSlotKV
   pair_B: jax.Array
   t_B: jax.Array
   tok_B: jax.Array
@@ -316,6 +308,7 @@ def continuous_rollout(
   platform = jax.default_backend()
   layout = resolve_layout(cfg, platform)
   rep = lambda x: np.repeat(x, G, axis=0)
+  cfg = cfg.replace(num_slots=B)  # one compile per effective slot count
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     last_PV, cache = prefill(
       graphdef, state, _put(tokens_PT, mesh), _put(mask_PT, mesh), num_samples=1, cache_size=Tp
@@ -355,16 +348,27 @@ def continuous_rollout(
   return rollout, host
 
 
-def kv_layout_bytes(model_cfg, cfg: SamplingConfig, num_prompts: int, prompt_len: int,
-                    num_slots: int, layout: str, batch_shards: int = 1) -> dict[str, int]:
+def kv_layout_bytes(
+  model_cfg,
+  cfg: SamplingConfig,
+  num_prompts: int,
+  prompt_len: int,
+  num_slots: int,
+  layout: str,
+  batch_shards: int = 1,
+) -> dict[str, int]:
   """{prompt, completion} bytes of the continuous loop's KV over all layers and shards, from
-  shapes: dense P*Tp + B*C token slots per layer (k and v), paged D*P*n_p + B*W pages of Pg
-  (`slot_kv`); the lock-step loop holds P*G*(Tp + C)."""
+  shapes, per layer (k and v): dense P*Tp + B*(Tp + C) token slots, split P*Tp + B*C,
+  paged D*P*n_p + B*W pages of Pg (`slot_kv`, `paged_kv`); lock-step P*G*(Tp + C)."""
   per_token = 2 * model_cfg.num_layers * model_cfg.num_kv_heads * model_cfg.head_dim
   per_token *= model_cfg.jnp_dtype.itemsize
   C = cfg.max_new_tokens
-  if layout == "dense":
-    return {"prompt": per_token * num_prompts * prompt_len, "completion": per_token * num_slots * C}
+  if layout in ("dense", "split"):
+    row = prompt_len + C if layout == "dense" else C
+    return {
+      "prompt": per_token * num_prompts * prompt_len,
+      "completion": per_token * num_slots * row,
+    }
   Pg = cfg.page_size
   n_p, W = -(-prompt_len // Pg), -(-(Pg - 1 + C) // Pg)
   return {
