@@ -134,10 +134,15 @@ def test_generate_dispatches_on_loop(model):
   _assert_same(lock, cont)
 
 
-@pytest.mark.parametrize("layout", ["dense", "paged"])
-def test_mesh_matches_single_device(model, layout):
+@pytest.mark.parametrize(
+  "layout,mesh_shape",
+  # (2, 2, 2): 4 batch shards split the 4 prompts, so each shard queues its own prompts'
+  # pairs; (1, 8, 1): 8 shards do not, so one queue and the prompt cache replicated.
+  [("dense", (2, 2, 2)), ("paged", (2, 2, 2)), ("paged", (1, 8, 1))],
+)
+def test_mesh_matches_single_device(model, layout, mesh_shape):
   cfg = _cfg("top_p_top_k", num_slots=8, kv_layout=layout, loop="continuous")
-  mesh = make_mesh(2, 2, 2)
+  mesh = make_mesh(*mesh_shape)
   graphdef, state = nnx.split(model)
   lock = generate(model, PROMPTS, cfg.replace(loop="lockstep"), num_samples=G, seed=2)
   got = generate_state(graphdef, shard_state(state, mesh), PROMPTS, cfg, G, 2, mesh)

@@ -121,14 +121,23 @@ def main(argv=None) -> dict:
       "continuous_kv_read_bytes_per_step_per_chip": per_token * a.slots * filled / chips,
     },
   }
-  result["continuous"] = compile_all(continuous_programs(graphdef, state, cfg, **size, mesh=mesh), mesh)
+  result["continuous"] = compile_all(
+    continuous_programs(graphdef, state, cfg, **size, mesh=mesh), mesh
+  )
   if not a.skip_lockstep:
-    result["lockstep"] = compile_all(lockstep_programs(graphdef, state, cfg, **size, mesh=mesh), mesh)
+    result["lockstep"] = compile_all(
+      lockstep_programs(graphdef, state, cfg, **size, mesh=mesh), mesh
+    )
   gib = lambda x: f"{x / 2**30:.2f} GiB"
   for loop in ("lockstep", "continuous"):
     for name, row in result.get(loop, {}).items():
-      extra = f", step bytes accessed {gib(row['bytes_accessed'])}" if "bytes_accessed" in row else ""
-      print(f"{loop:10} {name:12} per chip {gib(row['total_bytes'])} (temp {gib(row['temp_bytes'])}){extra}")
+      extra = (
+        f", step bytes accessed {gib(row['bytes_accessed'])}" if "bytes_accessed" in row else ""
+      )
+      print(
+        f"{loop:10} {name:12} per chip {gib(row['total_bytes'])} "
+        f"(temp {gib(row['temp_bytes'])}){extra}"
+      )
   for k, v in result["analytic"].items():
     print(f"{k}: {gib(v)}")
   if a.out:

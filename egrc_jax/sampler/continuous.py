@@ -97,24 +97,35 @@ def slot_logits(model, kv, tok_B, step: SlotStep):
   return model.logits(model.final_norm(x_B1D))[:, 0], kv
 
 
-def _make_kv(prompt_cache, prompt_len_P, cfg, num_slots, layout, platform):
+def prompt_shards(num_prompts: int, num_slots: int) -> int:
+  """Dq: the mesh's batch shards when they split both the prompts and the slots (each shard
+  then holds its own prompts' cache and decodes their pairs), else 1 (one queue, the
+  prompt cache replicated)."""
+  D = _batch_shards()
+  return D if num_prompts % D == 0 and num_slots % D == 0 else 1
+
+
+def _make_kv(prompt_cache, prompt_len_P, cfg, num_slots, layout, platform, shards):
   C = cfg.max_new_tokens
   if layout == "dense":
-    return DenseSlotKV.create(prompt_cache, num_slots, C)
+    return DenseSlotKV.create(prompt_cache, num_slots, C, shards)
   if layout == "split":
-    return SplitSlotKV.create(prompt_cache, num_slots, C)
+    return SplitSlotKV.create(prompt_cache, num_slots, C, shards)
   return PagedSlotKV.create(
-    prompt_cache, prompt_len_P, num_slots, C, cfg.page_size, use_kernel=platform == "tpu"
+    prompt_cache, prompt_len_P, num_slots, C, cfg.page_size, platform == "tpu", shards
   )
 
 
 @flax.struct.dataclass
 class Slots:
-  """The loop carry of B slots: the KV layout, each slot's pair (N = none), step t_b and
-  last token; the queue head; the output buffers [N, C]; counters (int32 scalars): loop
-  steps, active slot-steps, slot-steps (slots x steps, summed over the shrink levels)."""
+  """The loop carry of B slots: the KV layout, which slots took a pair on the last step
+  (their prompt is copied in first), each slot's pair (N = none), step t_b and
+  last token; each prompt shard's queue head [Dq]; the output buffers [N, C]; counters
+  (int32 scalars): loop steps, active slot-steps, slot-steps (slots x steps, summed over
+  the shrink levels)."""
 
   kv: DenseSlotKV | SplitSlotKV | PagedSlotKV
+  fresh_B: jax.Array
   pair_B: jax.Array
   t_B: jax.Array
   tok_B: jax.Array
@@ -148,9 +159,13 @@ def _shrink(slots: Slots, size: int, shards: int, N: int) -> Slots:
     idx = idx_DK.reshape(shards, keep, *([1] * (x_B.ndim - 1)))
     return jnp.take_along_axis(x_DS, idx, axis=1).reshape(size, *x_B.shape[1:])
 
-  pair_B = jnp.where(live_DK.reshape(size), take(slots.pair_B), N)
+  live_B = live_DK.reshape(size)
   return slots.replace(
-    kv=slots.kv.take(take), pair_B=pair_B, t_B=take(slots.t_B), tok_B=take(slots.tok_B)
+    kv=slots.kv.take(take),
+    fresh_B=live_B & take(slots.fresh_B),
+    pair_B=jnp.where(live_B, take(slots.pair_B), N),
+    t_B=take(slots.t_B),
+    tok_B=take(slots.tok_B),
   )
 
 
@@ -196,11 +211,21 @@ def continuous_decode(
     "policy_logprobs": f32(plp0_N),
     "entropy": f32(ent0_N),
   }
-  # The queue: pairs that need a slot, in pair order, padded with N (= no pair).
-  need_N = ~_is_stop(tok0_N, cfg.stop_token_ids) & (C > 1)
-  queue_N = jnp.nonzero(need_N, size=N, fill_value=N)[0].astype(jnp.int32)
-  count = jnp.sum(need_N, dtype=jnp.int32)
-  queue_at = lambda i: jnp.where(i < count, queue_N[jnp.minimum(i, N - 1)], N)
+  # The queues: pairs that need a slot, in pair order, one queue per prompt shard (the
+  # pairs of its P / Dq prompts; slots take pairs of their own shard only, so each slot's
+  # prompt cache is local to it), padded with N (= no pair).
+  Dq = prompt_shards(Pn, B)
+  M = N // Dq
+  need_DM = (~_is_stop(tok0_N, cfg.stop_token_ids) & (C > 1)).reshape(Dq, M)
+  queue_DM = jax.vmap(lambda n: jnp.nonzero(n, size=M, fill_value=M)[0])(need_DM)
+  queue_DM = jnp.where(queue_DM < M, queue_DM + M * jnp.arange(Dq)[:, None], N).astype(jnp.int32)
+  count_D = jnp.sum(need_DM, axis=1, dtype=jnp.int32)
+
+  def queue_at(head_D, rank_B):
+    """The pair `rank` places behind each shard's head, for each slot (N: none left)."""
+    i_DS = head_D[:, None] + rank_B.reshape(Dq, -1)
+    pair_DS = jnp.take_along_axis(queue_DM, jnp.minimum(i_DS, M - 1), axis=1)
+    return jnp.where(i_DS < count_D[:, None], pair_DS, N).reshape(-1)
 
   def step_of(pair_B, t_B):
     active_B = pair_B < N
@@ -209,7 +234,10 @@ def continuous_decode(
 
   def body(c: Slots) -> Slots:
     step = step_of(c.pair_B, c.t_B)
-    logits_BV, kv = slot_logits(model, c.kv, c.tok_B, step)
+    # Slots that took a pair last step get its prompt first: done here, before the layers
+    # read the cache, XLA updates it in place (at the end of the body it copied layers).
+    kv = c.kv.refill(c.fresh_B, step)
+    logits_BV, kv = slot_logits(model, kv, c.tok_B, step)
     keys_B = _row_keys(seed, prompt_ids_P[step.prompt_B], c.pair_B % G)
     keys_B = jax.vmap(jax.random.fold_in)(keys_B, c.t_B)
     new_B, lp_B, plp_B, ent_B = sample_step(logits_BV, keys_B, cfg)
@@ -225,34 +253,37 @@ def continuous_decode(
     bufs = {k: put(c.bufs[k], x) for k, x in values.items()}
     stopped_B = _is_stop(new_B, cfg.stop_token_ids) | (c.t_B + 1 >= C)
     free_B = ~step.active_B | stopped_B
-    rank_B = jnp.cumsum(free_B, dtype=jnp.int32) - 1
-    take_pair_B = queue_at(c.head + rank_B)
+    free_DS = free_B.reshape(Dq, -1)
+    rank_B = (jnp.cumsum(free_DS, axis=1, dtype=jnp.int32) - 1).reshape(-1)
+    take_pair_B = queue_at(c.head, rank_B)
     pair_B = jnp.where(free_B, take_pair_B, c.pair_B)
     t_B = jnp.where(free_B, 1, c.t_B + 1)
     tok_B = jnp.where(free_B, tok0_N[jnp.minimum(take_pair_B, N - 1)], new_B)
-    kv = kv.refill(free_B & (take_pair_B < N), step_of(pair_B, t_B))
     return Slots(
       kv=kv,
+      fresh_B=free_B & (take_pair_B < N),
       pair_B=pair_B,
       t_B=t_B,
       tok_B=tok_B,
-      head=jnp.minimum(c.head + jnp.sum(free_B, dtype=jnp.int32), count),
+      head=jnp.minimum(c.head + jnp.sum(free_DS, axis=1, dtype=jnp.int32), count_D),
       bufs=bufs,
       steps=c.steps + 1,
       busy=c.busy + jnp.sum(step.active_B, dtype=jnp.int32),
       slot_steps=c.slot_steps + pair_B.shape[0],
     )
 
-  pair_B = queue_at(jnp.arange(B, dtype=jnp.int32))
+  zero_D = jnp.zeros((Dq,), jnp.int32)
+  pair_B = queue_at(zero_D, jnp.tile(jnp.arange(B // Dq, dtype=jnp.int32), Dq))
   t_B = jnp.ones((B,), jnp.int32)
-  kv = _make_kv(prompt_cache, prompt_len_P, cfg, B, layout, platform)
+  kv = _make_kv(prompt_cache, prompt_len_P, cfg, B, layout, platform, Dq)
   zero = jnp.zeros((), jnp.int32)
   slots = Slots(
-    kv=kv.refill(pair_B < N, step_of(pair_B, t_B)),
+    kv=kv,
+    fresh_B=pair_B < N,
     pair_B=pair_B,
     t_B=t_B,
     tok_B=tok0_N[jnp.minimum(pair_B, N - 1)],
-    head=jnp.minimum(jnp.asarray(B, jnp.int32), count),
+    head=jnp.minimum(zero_D + B // Dq, count_D),
     bufs=bufs,
     steps=zero,
     busy=zero,
@@ -271,7 +302,7 @@ def continuous_decode(
         return go
       # Stay at this size while a pair is pending or some shard is over half full.
       half = active_DS.shape[1] // 2
-      return go & ((c.head < count) | jnp.any(jnp.sum(active_DS, 1) > half))
+      return go & (jnp.any(c.head < count_D) | jnp.any(jnp.sum(active_DS, 1) > half))
 
     slots = jax.lax.while_loop(cond, body, slots)
   bufs = slots.bufs

@@ -67,16 +67,17 @@ def _pallas_paged(q_BNH, k_KQPH, v_KQPH, lengths_B, table_BR):
 @flax.struct.dataclass
 class PagedSlotKV:
   """k_pages / v_pages: L x [K, D * Q, Pg, H], shard d's pool at [d * Q, (d + 1) * Q);
-  table_BR: int32 page ids local to the slot's shard. A shard's pool holds the P prompts'
-  pages (n_p = ceil(Tp / Pg) each, prompt tokens right-aligned to page 0, i.e. un-padded)
-  then W = ceil((Pg - 1 + C) / Pg) own pages for each of its B / D slots."""
+  table_BR: int32 page ids local to the slot's shard. A shard's pool holds its prompts'
+  pages (n_p = ceil(Tp / Pg) each, prompt tokens moved to the start of page 0, i.e.
+  un-padded): its own P / D prompts when each shard decodes its own prompts (shards = D),
+  else all P; then W = ceil((Pg - 1 + C) / Pg) own pages for each of its B / D slots."""
 
   k_pages: tuple[jax.Array, ...]
   v_pages: tuple[jax.Array, ...]
   table_BR: jax.Array
   prompt_pages: int = flax.struct.field(pytree_node=False)
   own_pages: int = flax.struct.field(pytree_node=False)
-  num_prompts: int = flax.struct.field(pytree_node=False)
+  local_prompts: int = flax.struct.field(pytree_node=False)  # prompts in a shard's pool
   use_kernel: bool = flax.struct.field(pytree_node=False)
 
   POOL_NAMES = ("kv_heads", "batch", None, "head_dim")
@@ -90,6 +91,7 @@ class PagedSlotKV:
     completion_len: int,
     page_size: int,
     use_kernel: bool,
+    shards: int = 1,
   ) -> PagedSlotKV:
     P, K, H, Tp = prompt.k[0].shape
     Pg, D = page_size, _batch_shards()
@@ -101,6 +103,7 @@ class PagedSlotKV:
     n_p = -(-Tp // Pg)
     W = -(-(Pg - 1 + completion_len) // Pg)
     own = (num_slots // D) * W
+    P_l = P // shards  # shards is D or 1 (`continuous.prompt_shards`)
 
     def pool(x_PKTH):
       # Left padding -> right: prompt p's real tokens move to slots [0, len_p).
@@ -109,9 +112,12 @@ class PagedSlotKV:
       x_PKTH = jnp.take_along_axis(x_PKTH, idx_PT[:, None, :, None], axis=2)
       x_PKTH = jnp.pad(x_PKTH, ((0, 0), (0, 0), (0, n_p * Pg - Tp), (0, 0)))
       pages_KQPH = x_PKTH.reshape(P, K, n_p, Pg, H).transpose(1, 0, 2, 3, 4)
-      pages_KQPH = pages_KQPH.reshape(K, P * n_p, Pg, H)
-      shard_KQPH = jnp.concatenate([pages_KQPH, jnp.zeros((K, own, Pg, H), x_PKTH.dtype)], 1)
-      return shard(jnp.tile(shard_KQPH, (1, D, 1, 1)), cls.POOL_NAMES)
+      pages_KDQPH = pages_KQPH.reshape(K, shards, P_l * n_p, Pg, H)
+      if shards == 1:
+        pages_KDQPH = jnp.tile(pages_KDQPH, (1, D, 1, 1, 1))  # every shard holds all prompts
+      zeros = jnp.zeros((K, D, own, Pg, H), x_PKTH.dtype)
+      pool_KDQPH = jnp.concatenate([pages_KDQPH, zeros], axis=2)
+      return shard(pool_KDQPH.reshape(K, D * (P_l * n_p + own), Pg, H), cls.POOL_NAMES)
 
     return cls(
       k_pages=tuple(pool(k.transpose(0, 1, 3, 2)) for k in prompt.k),
@@ -119,7 +125,7 @@ class PagedSlotKV:
       table_BR=jnp.zeros((num_slots, n_p + W), jnp.int32),
       prompt_pages=n_p,
       own_pages=W,
-      num_prompts=P,
+      local_prompts=P_l,
       use_kernel=use_kernel,
     )
 
@@ -130,7 +136,7 @@ class PagedSlotKV:
   def _first_own_page(self, B: int):
     """[B] local id of each slot's first own page."""
     local_B = jnp.arange(B) % (B // _batch_shards())
-    return self.num_prompts * self.prompt_pages + local_B * self.own_pages
+    return self.local_prompts * self.prompt_pages + local_B * self.own_pages
 
   def refill(self, take_B, step: SlotStep) -> PagedSlotKV:
     """New tables for the slots in take_B, and their prompt's partial last page copied
@@ -140,15 +146,16 @@ class PagedSlotKV:
     full_B = step.prompt_len_B // Pg  # f: the prompt's full pages
     own0_B = self._first_own_page(B)
     j_R = jnp.arange(R)
+    first_B = (step.prompt_B % self.local_prompts) * n_p  # the prompt's first page, locally
     rows_BR = jnp.where(
       j_R[None] < full_B[:, None],
-      step.prompt_B[:, None] * n_p + j_R[None],
+      first_B[:, None] + j_R[None],
       jnp.where(
         j_R[None] < (full_B + self.own_pages)[:, None], own0_B[:, None] + j_R - full_B[:, None], 0
       ),
     )
     table_BR = jnp.where(take_B[:, None], rows_BR, self.table_BR)
-    src_B = step.prompt_B * n_p + jnp.minimum(full_B, n_p - 1)
+    src_B = first_B + jnp.minimum(full_B, n_p - 1)
     Q = self.k_pages[0].shape[1] // _batch_shards()
     dst_B = jnp.where(take_B, own0_B, Q)  # out of range: dropped
 

@@ -30,7 +30,13 @@ from jax.sharding import PartitionSpec as Ps
 from egrc_jax.model import KVCache, ModelConfig, Transformer
 from egrc_jax.model.logical import logical_to_spec
 from egrc_jax.sampler.config import SamplingConfig
-from egrc_jax.sampler.continuous import _make_kv, continuous_decode, resolve_layout, slot_logits
+from egrc_jax.sampler.continuous import (
+  _make_kv,
+  continuous_decode,
+  prompt_shards,
+  resolve_layout,
+  slot_logits,
+)
 from egrc_jax.sampler.generate import decode_loop, prefill
 from egrc_jax.sampler.sampling import sample_step
 from egrc_jax.sampler.slot_kv import SlotStep
@@ -124,7 +130,7 @@ def continuous_programs(
   @functools.partial(jax.jit, static_argnames=("graphdef",))
   def decode_step(graphdef, state, prompt_cache, prompt_len_P, tok_B, prompt_B, t_B, keys_B):
     model = nnx.merge(graphdef, state)
-    kv = _make_kv(prompt_cache, prompt_len_P, cfg, B, layout, platform)
+    kv = _make_kv(prompt_cache, prompt_len_P, cfg, B, layout, platform, prompt_shards(P, B))
     step = SlotStep(prompt_B, t_B, prompt_len_P[prompt_B], t_B > 0)
     logits_BV, kv = slot_logits(model, kv, tok_B, step)
     return sample_step(logits_BV, keys_B, cfg), kv

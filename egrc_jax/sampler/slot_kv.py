@@ -62,10 +62,25 @@ def out_proj(attn, out_BNH):
   return out_BD[:, None]
 
 
-# The prompt cache is replicated over the batch axes so that every slot's read of its
-# prompt's rows is local; slots are split like batch rows.
-PROMPT_K_NAMES = (None, "kv_heads", "head_dim", None)
-PROMPT_V_NAMES = (None, "kv_heads", None, "head_dim")
+def prompt_names(shards: int) -> tuple[tuple, tuple]:
+  """Logical names of the prompt cache's k and v: split over the batch axes like the slots
+  when each shard decodes its own prompts (shards > 1), else replicated over them; either
+  way every slot reads its prompt's rows locally."""
+  if shards > 1:
+    return KVCache.K_NAMES, KVCache.V_NAMES
+  return (None, "kv_heads", "head_dim", None), (None, "kv_heads", None, "head_dim")
+
+
+def take_prompt_rows(x_P, prompt_B, shards: int):
+  """x_P[prompt_B] along axis 0. With shards > 1, prompts and slots are split alike and a
+  slot's prompt is on its own shard: the gather runs per shard (a batched gather that the
+  partitioner keeps local, where a flat one would gather the whole prompt cache)."""
+  if shards == 1:
+    return jnp.take(x_P, prompt_B, axis=0)
+  P, B, rest = x_P.shape[0], prompt_B.shape[0], x_P.shape[1:]
+  x_DP = x_P.reshape(shards, P // shards, *rest)
+  idx = (prompt_B % (P // shards)).reshape(shards, B // shards, *([1] * len(rest)))
+  return jnp.take_along_axis(x_DP, idx, axis=1).reshape(B, *rest)
 
 
 @flax.struct.dataclass
@@ -79,35 +94,50 @@ class DenseSlotKV:
   prompt_valid_PT: jax.Array
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
+  shards: int = flax.struct.field(pytree_node=False, default=1)  # Dq (`take_prompt_rows`)
 
   @classmethod
-  def create(cls, prompt: KVCache, num_slots: int, completion_len: int) -> DenseSlotKV:
+  def create(cls, prompt: KVCache, num_slots: int, completion_len: int, shards: int = 1):
     P, K, H, Tp = prompt.k[0].shape
     S, dt = Tp + completion_len, prompt.k[0].dtype
     zeros = lambda shape, names: shard(jnp.zeros(shape, dt), names)
+    k_names, v_names = prompt_names(shards)
     return cls(
-      prompt_k=tuple(shard(k, PROMPT_K_NAMES) for k in prompt.k),
-      prompt_v=tuple(shard(v, PROMPT_V_NAMES) for v in prompt.v),
+      prompt_k=tuple(shard(k, k_names) for k in prompt.k),
+      prompt_v=tuple(shard(v, v_names) for v in prompt.v),
       prompt_valid_PT=prompt.valid_BS,
       k=tuple(zeros((num_slots, K, H, S), KVCache.K_NAMES) for _ in prompt.k),
       v=tuple(zeros((num_slots, K, S, H), KVCache.V_NAMES) for _ in prompt.v),
+      shards=shards,
     )
 
   def refill(self, take_B, step: SlotStep) -> DenseSlotKV:
-    """Copy the new prompt's rows into the slots in take_B (only on a step with a refill).
-    Completion slots >= t_b are masked, so the previous pair's keys need no clearing."""
-    B, Tp = take_B.shape[0], self.prompt_valid_PT.shape[1]
+    """Copy the new prompt's rows into the slots in take_B, one slot at a time in a loop
+    of sum(take_B) trips: a step without a refill copies nothing (a `lax.cond` returning
+    the cache would copy all of it on every step). Completion slots >= t_b are masked,
+    so the previous pair's keys need no clearing."""
+    B = take_B.shape[0]
+    P_l = self.prompt_valid_PT.shape[0] // self.shards  # prompts per shard
+    slots_B = jnp.nonzero(take_B, size=B, fill_value=0)[0]
+    zero = jnp.zeros((), jnp.int32)
 
-    def copy(kv: DenseSlotKV) -> DenseSlotKV:
-      rows_B = jnp.where(take_B, jnp.arange(B), B)  # out of range: dropped
-      put = lambda x, src, axis: (
-        x.at[rows_B, :, :, :Tp] if axis == 3 else x.at[rows_B, :, :Tp, :]
-      ).set(jnp.take(src, step.prompt_B, axis=0), mode="drop")
-      k = tuple(put(x, p, 3) for x, p in zip(kv.k, kv.prompt_k, strict=True))
-      v = tuple(put(x, p, 2) for x, p in zip(kv.v, kv.prompt_v, strict=True))
+    def one(i, kv: DenseSlotKV) -> DenseSlotKV:
+      b = slots_B[i]
+      # The slot's prompt row; with shards > 1 it lives on the slot's own shard.
+      p = (
+        step.prompt_B[b]
+        if kv.shards == 1
+        else (b // (B // kv.shards)) * P_l + step.prompt_B[b] % P_l
+      )
+      row = lambda x: jax.lax.dynamic_slice_in_dim(x, p, 1, axis=0)
+      put = lambda x, src: jax.lax.dynamic_update_slice(
+        x, row(src).astype(x.dtype), (b, zero, zero, zero)
+      )
+      k = tuple(put(x, src) for x, src in zip(kv.k, kv.prompt_k, strict=True))
+      v = tuple(put(x, src) for x, src in zip(kv.v, kv.prompt_v, strict=True))
       return kv.replace(k=k, v=v)
 
-    return jax.lax.cond(jnp.any(take_B), copy, lambda kv: kv, self)
+    return jax.lax.fori_loop(0, jnp.sum(take_B, dtype=jnp.int32), one, self)
 
   def take(self, gather) -> DenseSlotKV:
     """The layout over fewer slots: gather([B, ...]) -> [B', ...] on each slot row."""
@@ -125,7 +155,7 @@ class DenseSlotKV:
     # The lock-step mask: the prompt's real tokens and the completion written so far.
     valid_BS = jnp.concatenate(
       [
-        jnp.take(self.prompt_valid_PT, step.prompt_B, axis=0),
+        take_prompt_rows(self.prompt_valid_PT, step.prompt_B, self.shards),
         jnp.arange(S - Tp) < step.t_B[:, None],
       ],
       axis=1,
@@ -169,18 +199,21 @@ class SplitSlotKV:
   prompt_valid_PT: jax.Array
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
+  shards: int = flax.struct.field(pytree_node=False, default=1)
 
   @classmethod
-  def create(cls, prompt: KVCache, num_slots: int, completion_len: int) -> SplitSlotKV:
+  def create(cls, prompt: KVCache, num_slots: int, completion_len: int, shards: int = 1):
     P, K, H, Tp = prompt.k[0].shape
     dt = prompt.k[0].dtype
     zeros = lambda shape, names: shard(jnp.zeros(shape, dt), names)
+    k_names, v_names = prompt_names(shards)
     return cls(
-      prompt_k=tuple(shard(k, PROMPT_K_NAMES) for k in prompt.k),
-      prompt_v=tuple(shard(v, PROMPT_V_NAMES) for v in prompt.v),
+      prompt_k=tuple(shard(k, k_names) for k in prompt.k),
+      prompt_v=tuple(shard(v, v_names) for v in prompt.v),
       prompt_valid_PT=prompt.valid_BS,
       k=tuple(zeros((num_slots, K, H, completion_len), KVCache.K_NAMES) for _ in prompt.k),
       v=tuple(zeros((num_slots, K, completion_len, H), KVCache.V_NAMES) for _ in prompt.v),
+      shards=shards,
     )
 
   def refill(self, take_B, step: SlotStep) -> SplitSlotKV:
@@ -197,9 +230,9 @@ class SplitSlotKV:
     rows_B, col_B = jnp.arange(B), step.t_B - 1
     kc = kc.at[rows_B, :, :, col_B].set(k_B1KH[:, 0].astype(kc.dtype), unique_indices=True)
     vc = vc.at[rows_B, :, col_B, :].set(v_B1KH[:, 0].astype(vc.dtype), unique_indices=True)
-    kp = jnp.take(self.prompt_k[layer], step.prompt_B, axis=0)
-    vp = jnp.take(self.prompt_v[layer], step.prompt_B, axis=0)
-    validp_BT = jnp.take(self.prompt_valid_PT, step.prompt_B, axis=0)
+    kp = take_prompt_rows(self.prompt_k[layer], step.prompt_B, self.shards)
+    vp = take_prompt_rows(self.prompt_v[layer], step.prompt_B, self.shards)
+    validp_BT = take_prompt_rows(self.prompt_valid_PT, step.prompt_B, self.shards)
     validc_BC = jnp.arange(C)[None, :] < step.t_B[:, None]
     out = two_part_attention(q_B1NH[:, 0], kp, vp, validp_BT, kc, vc, validc_BC)
     return out_proj(attn, out), self.replace(k=_set(self.k, layer, kc), v=_set(self.v, layer, vc))
