@@ -254,7 +254,8 @@ def test_benchmark_tiny_writes_all_keys(tmp_path):
   from egrc_jax.bench import continuous as bench
 
   out = tmp_path / "bench.json"
-  argv = ["--tiny", "--skip-tunix", "--skip-paged", "--slots", "8", "--shrink-levels", "1"]
+  argv = ["--tiny", "--skip-tunix", "--skip-paged", "--skip-fixed", "--slots", "8"]
+  argv += ["--shrink-levels", "1"]
   r = bench.main([*argv, "--reps", "0", "--out", str(out)])
   for key in bench.RESULT_KEYS:
     assert key in r, key

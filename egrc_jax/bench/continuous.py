@@ -88,6 +88,7 @@ def _args(argv):
   p.add_argument("--skip-tunix", action="store_true", help="no Tunix peer")
   p.add_argument("--skip-tunix-long-tail", action="store_true", help="Tunix fixed length only")
   p.add_argument("--skip-paged", action="store_true", help="no split / paged layout runs")
+  p.add_argument("--skip-fixed", action="store_true", help="no fixed-length comparison")
   p.add_argument("--out", default=None, help="write the results as JSON here")
   a = p.parse_args(argv)
   preset = SIZES["small" if a.small else "tiny" if a.tiny else "default"]
@@ -256,7 +257,7 @@ def tunix_jobs(a, fixed: dict, tail: dict | None) -> list[dict]:
   """The peer's runs: Tunix gets the P*G rows (it has no prompt sharing)."""
   rows = lambda ps, G: [p for p in ps for _ in range(G)]
   jobs = []
-  for mode in ("greedy", "sampled"):
+  for mode in () if a.skip_fixed else ("greedy", "sampled"):
     jobs.append(
       {
         "name": f"fixed_{mode}",
@@ -325,7 +326,7 @@ def run(a) -> dict:
     dirs = {"fixed": os.path.join(tmp, "fixed"), "long_tail": os.path.join(tmp, "long_tail")}
     if not a.skip_tunix:
       export_model(model, dirs["fixed"], dtype="float32")
-    fixed = fixed_length(a, *nnx.split(model))
+    fixed = {"modes": {}} if a.skip_fixed else fixed_length(a, *nnx.split(model))
     # The long tail: the same weights with the lm head scaled down (near-uniform next token).
     model.lm_head_DV.set_value(model.lm_head_DV[...] * a.head_scale)
     tail = long_tail(a, *nnx.split(model), mcfg)
@@ -334,15 +335,16 @@ def run(a) -> dict:
       export_model(model, dirs["long_tail"], dtype="float32")
       jobs = tunix_jobs(a, fixed, None if a.skip_tunix_long_tail else tail)
       tunix = run_tunix(a, dirs, jobs)
-      ours = fixed["modes"]["greedy"]["greedy_tokens"]
-      tunix["fixed_greedy"] |= greedy_agreement(ours, tunix["fixed_greedy"].pop("tokens"))
+      if not a.skip_fixed:
+        ours = fixed["modes"]["greedy"]["greedy_tokens"]
+        tunix["fixed_greedy"] |= greedy_agreement(ours, tunix["fixed_greedy"].pop("tokens"))
       for row in tunix.values():
         if isinstance(row, dict):
           row.pop("tokens", None)
       _log(f"tunix: {tunix}")
-  fixed["modes"]["greedy"].pop("greedy_tokens")
+  fixed["modes"].get("greedy", {}).pop("greedy_tokens", None)
   tail.pop("prompts")
-  fixed.pop("prompts")
+  fixed.pop("prompts", None)
   return result | {
     "long_tail": tail,
     "fixed": fixed,
