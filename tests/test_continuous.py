@@ -262,3 +262,28 @@ def test_benchmark_tiny_writes_all_keys(tmp_path):
   for row in r["long_tail"]["loops"].values():
     assert row["tokens_identical"], row
   assert r["long_tail"]["loops"]["continuous_8"]["kv_ratio_to_lockstep"] < 1
+
+
+def test_programs_compile_from_abstract_shapes():
+  # Both loops' programs from ShapeDtypeStructs alone (what the AOT command compiles for a
+  # TPU topology), here on the 8 CPU devices: the one-step programs compile, and the
+  # continuous step's arguments hold less KV than the lock-step one's.
+  from egrc_jax.sampler.programs import abstract_state, continuous_programs, lockstep_programs
+
+  mcfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2)
+  mesh = make_mesh(1, 8, 1)
+  graphdef, state = abstract_state(mcfg, mesh)
+  cfg = SamplingConfig(max_new_tokens=64, prompt_buckets=(16,), num_slots=8, kv_layout="dense")
+  size = dict(num_prompts=8, num_samples=4, prompt_len=16, mesh=mesh)
+  cont = continuous_programs(graphdef, state, cfg, **size, platform="cpu")
+  lock = lockstep_programs(graphdef, state, cfg, **size)
+  assert set(cont) == set(lock) == {"prefill", "decode", "decode_step"}
+  with jax.set_mesh(mesh):
+    cont["decode"].lower()  # the whole loop lowers (compiling it is the AOT command's job)
+    args = {}
+    for name, progs in (("continuous", cont), ("lockstep", lock)):
+      args[name] = progs["decode_step"].lower().compile().memory_analysis().argument_size_in_bytes
+  # KV token slots per layer: continuous 8 prompts x 16 + 8 slots x 80 = 768, lock-step
+  # 32 rows x 80 = 2560; the weights are the same on both sides.
+  per_slot = 2 * mcfg.num_layers * mcfg.num_kv_heads * mcfg.head_dim * 4 / 8  # per device
+  assert args["lockstep"] - args["continuous"] >= 0.9 * (2560 - 768) * per_slot

@@ -25,6 +25,9 @@ import time
 def _args(argv):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--topology", default="v5e:2x2", help="e.g. v5e:2x2, v4:2x2x4 (v4-32)")
+  p.add_argument(
+    "--chip-config", default="megacore", help="libtpu chip config: v4 / v5p chips as one device"
+  )
   p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor (-1: the rest)")
   p.add_argument("--preset", default="r1_distill_1p5b")
   p.add_argument("--prompts", type=int, default=16)
@@ -87,7 +90,8 @@ def main(argv=None) -> dict:
   from egrc_jax.sampler.continuous import kv_layout_bytes
   from egrc_jax.sampler.programs import abstract_state, continuous_programs, lockstep_programs
 
-  topo = topologies.get_topology_desc(platform="tpu", topology_name=a.topology)
+  kw = {} if a.topology.startswith("v5e") else {"chip_config_name": a.chip_config}
+  topo = topologies.get_topology_desc(platform="tpu", topology_name=a.topology, **kw)
   devices = np.array(topo.devices)
   shape = [int(x) for x in a.mesh.split(",")]
   if -1 in shape:

@@ -17,6 +17,7 @@ the same three for the lock-step loop.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -38,8 +39,9 @@ from egrc_jax.sampler.continuous import (
   slot_logits,
 )
 from egrc_jax.sampler.generate import decode_loop, prefill
+from egrc_jax.sampler.paged_kv import PagedSlotKV
 from egrc_jax.sampler.sampling import sample_step
-from egrc_jax.sampler.slot_kv import SlotStep
+from egrc_jax.sampler.slot_kv import SlotStep, prompt_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,16 +129,21 @@ def continuous_programs(
   )
   kw = dict(cfg=cfg, num_samples=G, num_slots=B, layout=layout, platform=platform)
 
-  @functools.partial(jax.jit, static_argnames=("graphdef",))
-  def decode_step(graphdef, state, prompt_cache, prompt_len_P, tok_B, prompt_B, t_B, keys_B):
+  @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("kv",))
+  def decode_step(graphdef, state, kv, prompt_len_P, tok_B, prompt_B, t_B, keys_B):
     model = nnx.merge(graphdef, state)
-    kv = _make_kv(prompt_cache, prompt_len_P, cfg, B, layout, platform, prompt_shards(P, B))
     step = SlotStep(prompt_B, t_B, prompt_len_P[prompt_B], t_B > 0)
     logits_BV, kv = slot_logits(model, kv, tok_B, step)
     return sample_step(logits_BV, keys_B, cfg), kv
 
+  def make(prompt_cache, prompt_len_P):
+    return _make_kv(prompt_cache, prompt_len_P, cfg, B, layout, platform, prompt_shards(P, B))
+
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    kv = jax.eval_shape(make, decode_args[2], i32(P))
+  kv = _layout_specs(kv, mesh)
   keys = jax.ShapeDtypeStruct((B,), jax.random.key(0).dtype)
-  step_args = (graphdef, state, decode_args[2], i32(P), i32(B), i32(B), i32(B), keys)
+  step_args = (graphdef, state, kv, i32(P), i32(B), i32(B), i32(B), keys)
   return {
     "prefill": Program(
       prefill, (graphdef, state, *_prompt_args(mesh, P, Tp, V)), dict(num_samples=1, cache_size=Tp)
@@ -190,6 +197,27 @@ def lockstep_programs(
     "decode": Program(decode_loop, decode_args, dict(cfg=cfg, num_samples=G)),
     "decode_step": Program(decode_step, (graphdef, state, cache, i32(B), i32(B), keys), {}),
   }
+
+
+def _layout_specs(kv, mesh):
+  """The abstract KV layout with the shardings its constructor constrains it to."""
+  if mesh is None:  # (eval_shape drops shardings; they follow from each field's names)
+    return kv
+  spec = lambda names: lambda x: _spec(mesh, names, x.shape, x.dtype)
+  if isinstance(kv, PagedSlotKV):
+    return kv.replace(
+      k_pages=tuple(map(spec(PagedSlotKV.POOL_NAMES), kv.k_pages)),
+      v_pages=tuple(map(spec(PagedSlotKV.POOL_NAMES), kv.v_pages)),
+      table_BR=spec(("batch", None))(kv.table_BR),
+    )
+  k_names, v_names = prompt_names(kv.shards)
+  return kv.replace(
+    prompt_k=tuple(map(spec(k_names), kv.prompt_k)),
+    prompt_v=tuple(map(spec(v_names), kv.prompt_v)),
+    prompt_valid_PT=spec((k_names[0], None))(kv.prompt_valid_PT),
+    k=tuple(map(spec(KVCache.K_NAMES), kv.k)),
+    v=tuple(map(spec(KVCache.V_NAMES), kv.v)),
+  )
 
 
 def _model_cfg(graphdef, state) -> ModelConfig:
