@@ -242,12 +242,16 @@ def test_bad_config(kw, match):
     SamplingConfig(**kw)
 
 
-def test_paged_slots_must_split_over_shards(model):
+def test_slots_that_do_not_split_over_shards(model):
   cfg = _cfg("greedy", num_slots=6, kv_layout="paged", loop="continuous")
   mesh = make_mesh(2, 2, 2)  # 4 batch shards do not divide 6 slots
   graphdef, state = nnx.split(model)
+  state = shard_state(state, mesh)
   with pytest.raises(ValueError, match="num_slots=6 must be a multiple"):
-    generate_state(graphdef, shard_state(state, mesh), PROMPTS, cfg, G, 0, mesh)
+    generate_state(graphdef, state, PROMPTS, cfg, G, 0, mesh)
+  # the dense layout replicates such slots instead
+  dense = generate_state(graphdef, state, PROMPTS, cfg.replace(kv_layout="dense"), G, 0, mesh)
+  _assert_same(generate(model, PROMPTS, cfg.replace(loop="lockstep"), num_samples=G), dense)
 
 
 def test_benchmark_tiny_writes_all_keys(tmp_path):

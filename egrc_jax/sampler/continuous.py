@@ -202,6 +202,7 @@ def continuous_decode(
   Pn = last_PV.shape[0]
   N = Pn * G
   D = _batch_shards()
+  D = D if B % D == 0 else 1  # slots that do not split over the shards are replicated
   tok0_N, lp0_N, plp0_N, ent0_N = first_draws(last_PV, prompt_ids_P, seed, cfg, G)
   f32 = lambda x0: jnp.zeros((N, C), jnp.float32).at[:, 0].set(x0)
   bufs = {
