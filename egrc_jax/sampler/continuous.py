@@ -169,6 +169,22 @@ def _shrink(slots: Slots, size: int, shards: int, N: int) -> Slots:
   )
 
 
+def _put_pairs(buf_NC, x_B, *, pair_B, t_B, shards: int):
+  """buf[pair_b, t_b] = x_b for the slots holding a pair (pair N: dropped). With shards > 1
+  a slot's pair is on its own shard and the scatter runs per shard (a batched scatter the
+  partitioner keeps local)."""
+  N, C = buf_NC.shape
+  if shards == 1:
+    return buf_NC.at[pair_B, t_B].set(x_B, mode="drop", unique_indices=True)
+  M, S = N // shards, pair_B.shape[0] // shards
+  local_DS = jnp.where(pair_B < N, pair_B % M, M).reshape(shards, S)  # M: dropped
+  put = lambda buf_MC, i_S, t_S, x_S: buf_MC.at[i_S, t_S].set(x_S, mode="drop")
+  buf_DMC = jax.vmap(put)(
+    buf_NC.reshape(shards, M, C), local_DS, t_B.reshape(shards, S), x_B.reshape(shards, S)
+  )
+  return buf_DMC.reshape(N, C)
+
+
 @functools.partial(
   jax.jit,
   static_argnames=("graphdef", "cfg", "num_samples", "num_slots", "layout", "platform"),
@@ -212,6 +228,9 @@ def continuous_decode(
     "policy_logprobs": f32(plp0_N),
     "entropy": f32(ent0_N),
   }
+  # Pairs are split over the batch shards like rows; with Dq prompt shards each shard
+  # writes only its own pairs' rows (`put`).
+  bufs = {k: shard(x, ("batch", None)) for k, x in bufs.items()}
   # The queues: pairs that need a slot, in pair order, one queue per prompt shard (the
   # pairs of its P / Dq prompts; slots take pairs of their own shard only, so each slot's
   # prompt cache is local to it), padded with N (= no pair).
@@ -243,7 +262,7 @@ def continuous_decode(
     keys_B = jax.vmap(jax.random.fold_in)(keys_B, c.t_B)
     new_B, lp_B, plp_B, ent_B = sample_step(logits_BV, keys_B, cfg)
     # Idle slots hold pair N: their writes fall outside [N, C] and are dropped.
-    put = lambda buf, x: buf.at[c.pair_B, c.t_B].set(x, mode="drop", unique_indices=True)
+    put = functools.partial(_put_pairs, pair_B=c.pair_B, t_B=c.t_B, shards=Dq)
     values = {
       "tokens": new_B,
       "mask": step.active_B,
