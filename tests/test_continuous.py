@@ -219,7 +219,7 @@ def test_kv_bytes_against_lockstep(model):
   # dense: P*Tp prompt + B*(Tp + C) slot rows; split: P*Tp + B*C
   assert bytes_of("dense") == {"prompt": per_token * 4 * 16, "completion": per_token * 5 * 36}
   assert bytes_of("split") == {"prompt": per_token * 4 * 16, "completion": per_token * 5 * 20}
-  # paged, Pg = 4: prompts ceil(16/4) = 4 pages each on each of 2 shards, slots
+  # paged, Pg = 4: prompts ceil(16/4) = 4 pages each, replicated on 2 shards; slots
   # ceil((3 + 20)/4) = 6 pages each
   assert bytes_of("paged", 2) == {
     "prompt": per_token * 2 * 4 * 4 * 4,

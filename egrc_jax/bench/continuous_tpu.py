@@ -113,7 +113,8 @@ def main(argv=None) -> dict:
   chips, D = devices.size, shape[0] * shape[1]
   per_token = 2 * mcfg.num_layers * mcfg.num_kv_heads * mcfg.head_dim * mcfg.jnp_dtype.itemsize
   B, S = a.prompts * a.samples, a.prompt_len + a.max_new
-  kv = kv_layout_bytes(mcfg, cfg, a.prompts, a.prompt_len, a.slots, "paged", D)
+  copies = 1 if a.prompts % D == 0 and a.slots % D == 0 else D  # `prompt_shards`
+  kv = kv_layout_bytes(mcfg, cfg, a.prompts, a.prompt_len, a.slots, "paged", copies)
   Pg = a.page_size
   filled = -(-(a.prompt_len + a.max_new // 2) // Pg) * Pg
   result = {

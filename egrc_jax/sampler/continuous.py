@@ -394,7 +394,8 @@ def continuous_rollout(
   host = {k: int(v) for k, v in stats.items()} | {"num_slots": B, "pairs": Pn * G}
   host["slot_utilisation"] = host["active_slot_steps"] / max(host["slot_steps"], 1)
   D = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-  host["kv_bytes"] = kv_layout_bytes(model_cfg, cfg, Pn, Tp, B, layout, D)
+  copies = 1 if Pn % D == 0 and B % D == 0 else D  # `prompt_shards`: own prompts or all
+  host["kv_bytes"] = kv_layout_bytes(model_cfg, cfg, Pn, Tp, B, layout, copies)
   host["layout"] = layout
   return rollout, host
 
@@ -406,24 +407,26 @@ def kv_layout_bytes(
   prompt_len: int,
   num_slots: int,
   layout: str,
-  batch_shards: int = 1,
+  prompt_copies: int = 1,
 ) -> dict[str, int]:
-  """{prompt, completion} bytes of the continuous loop's KV over all layers and shards, from
-  shapes, per layer (k and v): dense P*Tp + B*(Tp + C) token slots, split P*Tp + B*C,
-  paged D*P*n_p + B*W pages of Pg (`slot_kv`, `paged_kv`); lock-step P*G*(Tp + C)."""
+  """{prompt, completion} bytes of the continuous loop's KV over all layers and devices,
+  from shapes, per layer (k and v): dense P*Tp + B*(Tp + C) token slots, split P*Tp + B*C,
+  paged P*n_p + B*W pages of Pg (`slot_kv`, `paged_kv`); lock-step P*G*(Tp + C).
+  prompt_copies: D when the prompt cache is replicated over D batch shards (they do not
+  split the prompts and slots), else 1."""
   per_token = 2 * model_cfg.num_layers * model_cfg.num_kv_heads * model_cfg.head_dim
   per_token *= model_cfg.jnp_dtype.itemsize
   C = cfg.max_new_tokens
   if layout in ("dense", "split"):
     row = prompt_len + C if layout == "dense" else C
     return {
-      "prompt": per_token * num_prompts * prompt_len,
+      "prompt": per_token * prompt_copies * num_prompts * prompt_len,
       "completion": per_token * num_slots * row,
     }
   Pg = cfg.page_size
   n_p, W = -(-prompt_len // Pg), -(-(Pg - 1 + C) // Pg)
   return {
-    "prompt": per_token * batch_shards * num_prompts * n_p * Pg,
+    "prompt": per_token * prompt_copies * num_prompts * n_p * Pg,
     "completion": per_token * num_slots * W * Pg,
   }
 
