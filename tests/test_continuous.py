@@ -8,7 +8,8 @@ from flax import nnx
 
 from egrc_jax.model import ModelConfig
 from egrc_jax.sampler import SamplingConfig, generate, generate_state
-from egrc_jax.sampler.continuous import continuous_rollout, kv_layout_bytes, shrink_plan
+from egrc_jax.sampler.continuous import continuous_rollout, shrink_plan
+from egrc_jax.sampler.layouts import kv_layout_bytes
 from egrc_jax.sampler.paged_kv import paged_reference
 from egrc_jax.sampler.slot_kv import two_part_attention
 from egrc_jax.sharding import init_model, make_mesh, shard_state

@@ -37,7 +37,8 @@ from flax import nnx
 
 from egrc_jax.model import ModelConfig
 from egrc_jax.sampler import SamplingConfig, generate
-from egrc_jax.sampler.continuous import continuous_rollout, kv_layout_bytes
+from egrc_jax.sampler.continuous import continuous_rollout
+from egrc_jax.sampler.layouts import kv_layout_bytes
 from egrc_jax.sharding import init_model
 
 TUNIX_PYTHON = "/work/venvs/tunix/bin/python"

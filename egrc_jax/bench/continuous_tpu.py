@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
 
   from egrc_jax.model import get_preset
   from egrc_jax.sampler import SamplingConfig
-  from egrc_jax.sampler.continuous import kv_layout_bytes
+  from egrc_jax.sampler.layouts import kv_layout_bytes
   from egrc_jax.sampler.programs import abstract_state, continuous_programs, lockstep_programs
 
   kw = {} if a.topology.startswith("v5e") else {"chip_config_name": a.chip_config}

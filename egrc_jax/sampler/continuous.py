@@ -47,19 +47,13 @@ from egrc_jax.sampler.generate import (
   prefill,
   prepare_prompts,
 )
+from egrc_jax.sampler.layouts import kv_layout_bytes, make_layout, prompt_shards, resolve_layout
 from egrc_jax.sampler.paged_kv import PagedSlotKV, _batch_shards
 from egrc_jax.sampler.rollout import Rollout
 from egrc_jax.sampler.sampling import sample_step
 from egrc_jax.sampler.slot_kv import DenseSlotKV, SlotStep, SplitSlotKV
 
 _FIRST_DRAW_ROWS = 512  # rows of one chunk of token-0 draws ([rows, V] float32 at a time)
-
-
-def resolve_layout(cfg: SamplingConfig, platform: str) -> str:
-  """The KV layout a run uses: "auto" is paged on TPU (the kernel) and dense elsewhere."""
-  if cfg.kv_layout != "auto":
-    return cfg.kv_layout
-  return "paged" if platform == "tpu" else "dense"
 
 
 def first_draws(last_PV, prompt_ids_P, seed, cfg: SamplingConfig, num_samples: int):
@@ -95,25 +89,6 @@ def slot_logits(model, kv, tok_B, step: SlotStep):
     x_B1D = x_B1D + layer.mlp(layer.mlp_norm(x_B1D))
     x_B1D = shard(x_B1D, ("batch", "length", "embed"))
   return model.logits(model.final_norm(x_B1D))[:, 0], kv
-
-
-def prompt_shards(num_prompts: int, num_slots: int) -> int:
-  """Dq: the mesh's batch shards when they split both the prompts and the slots (each shard
-  then holds its own prompts' cache and decodes their pairs), else 1 (one queue, the
-  prompt cache replicated)."""
-  D = _batch_shards()
-  return D if num_prompts % D == 0 and num_slots % D == 0 else 1
-
-
-def _make_kv(prompt_cache, prompt_len_P, cfg, num_slots, layout, platform, shards):
-  C = cfg.max_new_tokens
-  if layout == "dense":
-    return DenseSlotKV.create(prompt_cache, num_slots, C, shards)
-  if layout == "split":
-    return SplitSlotKV.create(prompt_cache, num_slots, C, shards)
-  return PagedSlotKV.create(
-    prompt_cache, prompt_len_P, num_slots, C, cfg.page_size, platform == "tpu", shards
-  )
 
 
 @flax.struct.dataclass
@@ -295,7 +270,7 @@ def continuous_decode(
   zero_D = jnp.zeros((Dq,), jnp.int32)
   pair_B = queue_at(zero_D, jnp.tile(jnp.arange(B // Dq, dtype=jnp.int32), Dq))
   t_B = jnp.ones((B,), jnp.int32)
-  kv = _make_kv(prompt_cache, prompt_len_P, cfg, B, layout, platform, Dq)
+  kv = make_layout(prompt_cache, prompt_len_P, cfg, B, layout, platform, Dq)
   zero = jnp.zeros((), jnp.int32)
   slots = Slots(
     kv=kv,
@@ -398,37 +373,6 @@ def continuous_rollout(
   host["kv_bytes"] = kv_layout_bytes(model_cfg, cfg, Pn, Tp, B, layout, copies)
   host["layout"] = layout
   return rollout, host
-
-
-def kv_layout_bytes(
-  model_cfg,
-  cfg: SamplingConfig,
-  num_prompts: int,
-  prompt_len: int,
-  num_slots: int,
-  layout: str,
-  prompt_copies: int = 1,
-) -> dict[str, int]:
-  """{prompt, completion} bytes of the continuous loop's KV over all layers and devices,
-  from shapes, per layer (k and v): dense P*Tp + B*(Tp + C) token slots, split P*Tp + B*C,
-  paged P*n_p + B*W pages of Pg (`slot_kv`, `paged_kv`); lock-step P*G*(Tp + C).
-  prompt_copies: D when the prompt cache is replicated over D batch shards (they do not
-  split the prompts and slots), else 1."""
-  per_token = 2 * model_cfg.num_layers * model_cfg.num_kv_heads * model_cfg.head_dim
-  per_token *= model_cfg.jnp_dtype.itemsize
-  C = cfg.max_new_tokens
-  if layout in ("dense", "split"):
-    row = prompt_len + C if layout == "dense" else C
-    return {
-      "prompt": per_token * prompt_copies * num_prompts * prompt_len,
-      "completion": per_token * num_slots * row,
-    }
-  Pg = cfg.page_size
-  n_p, W = -(-prompt_len // Pg), -(-(Pg - 1 + C) // Pg)
-  return {
-    "prompt": per_token * prompt_copies * num_prompts * n_p * Pg,
-    "completion": per_token * num_slots * W * Pg,
-  }
 
 
 def generate_continuous_state(

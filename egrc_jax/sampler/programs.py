@@ -31,14 +31,9 @@ from jax.sharding import PartitionSpec as Ps
 from egrc_jax.model import KVCache, ModelConfig, Transformer
 from egrc_jax.model.logical import logical_to_spec
 from egrc_jax.sampler.config import SamplingConfig
-from egrc_jax.sampler.continuous import (
-  _make_kv,
-  continuous_decode,
-  prompt_shards,
-  resolve_layout,
-  slot_logits,
-)
+from egrc_jax.sampler.continuous import continuous_decode, slot_logits
 from egrc_jax.sampler.generate import decode_loop, prefill
+from egrc_jax.sampler.layouts import make_layout, prompt_shards, resolve_layout
 from egrc_jax.sampler.paged_kv import PagedSlotKV
 from egrc_jax.sampler.sampling import sample_step
 from egrc_jax.sampler.slot_kv import SlotStep, prompt_names
@@ -137,7 +132,7 @@ def continuous_programs(
     return sample_step(logits_BV, keys_B, cfg), kv
 
   def make(prompt_cache, prompt_len_P):
-    return _make_kv(prompt_cache, prompt_len_P, cfg, B, layout, platform, prompt_shards(P, B))
+    return make_layout(prompt_cache, prompt_len_P, cfg, B, layout, platform, prompt_shards(P, B))
 
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     kv = jax.eval_shape(make, decode_args[2], i32(P))
