@@ -28,6 +28,8 @@ def prompt_shards(num_prompts: int, num_slots: int) -> int:
 
 
 def make_layout(prompt_cache, prompt_len_P, cfg, num_slots, layout, platform, shards):
+  """The empty KV layout of `num_slots` slots over the prefilled prompt cache; the paged
+  layout runs the Pallas kernel when platform is "tpu"."""
   C = cfg.max_new_tokens
   if layout == "dense":
     return DenseSlotKV.create(prompt_cache, num_slots, C, shards)
