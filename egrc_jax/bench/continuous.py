@@ -165,8 +165,10 @@ def _identical(a, b) -> dict:
   fields = ("completion_tokens_BC", "completion_mask_BC", "lengths_B", "truncated_B")
   same = all(np.array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f))) for f in fields)
   diff = lambda f: float(np.abs(np.asarray(getattr(a, f)) - np.asarray(getattr(b, f))).max())
+  rows_same = (np.asarray(a.completion_tokens_BC) == np.asarray(b.completion_tokens_BC)).all(1)
   return {
     "tokens_identical": same,
+    "identical_pairs_frac": float(rows_same.mean()),
     "max_abs_logprob_diff": diff("logprobs_BC"),
     "max_abs_entropy_diff": diff("entropy_BC"),
   }
