@@ -1,9 +1,12 @@
-"""Rollout sampler: jitted prefill + one `lax.while_loop` decode over the explicit KV cache.
+"""Rollout sampler: jitted prefill + a `lax.while_loop` decode over an explicit KV cache,
+lock-step or continuous (`SamplingConfig.loop`).
 
-See docs/sampler.md. `generate(model, prompts, cfg, num_samples, seed, mesh)` is the entry.
+See docs/sampler.md. `generate(model, prompts, cfg, num_samples, seed, mesh)` is the entry
+(`generate_state` over a split model); `continuous_rollout` adds the loop's stats.
 """
 
 from egrc_jax.sampler.config import SamplingConfig
+from egrc_jax.sampler.continuous import continuous_decode, continuous_rollout
 from egrc_jax.sampler.generate import (
   TRACE_COUNTS,
   decode_loop,
@@ -40,6 +43,8 @@ __all__ = [
   "Rollout",
   "SamplingConfig",
   "completion_lists",
+  "continuous_decode",
+  "continuous_rollout",
   "decode_loop",
   "decode_texts",
   "generate",

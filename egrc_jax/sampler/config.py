@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+LOOPS = ("lockstep", "continuous")
+KV_LAYOUTS = ("auto", "dense", "split", "paged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +27,19 @@ class SamplingConfig:
   stop_token_ids: tuple[int, ...] = ()  # a row stops after emitting any of these.
   pad_id: int = 0  # fills prompt left padding and completion slots after the stop.
   prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS  # prompts are left-padded to one of these.
+  # lockstep: all P*G rows decode together until the longest stops (generate.py);
+  # continuous: num_slots rows at a time, a slot refilled on device when its row stops
+  # (continuous.py).
+  loop: str = "lockstep"
+  num_slots: int = 64  # continuous: B_s rows decoded at once (at most P*G are used).
+  # continuous: once nothing is pending, live rows move into B_s/2, B_s/4, ... slots, at
+  # most this many times (0 = never); each level compiles one more loop body.
+  shrink_levels: int = 3
+  # continuous: "dense" slots of Tp + C (the lock-step arithmetic; CPU), "split" slots of C
+  # + the shared prompt cache, "paged" page pool read by the TPU paged-attention kernel,
+  # "auto": paged on TPU, dense elsewhere (docs/sampler.md).
+  kv_layout: str = "auto"
+  page_size: int = 16  # paged: tokens per KV page (Pg).
 
   def __post_init__(self):
     if not isinstance(self.stop_token_ids, tuple):
@@ -48,6 +63,16 @@ class SamplingConfig:
       raise ValueError(f"pad_id={self.pad_id} must be a non-negative token id")
     if not self.prompt_buckets or any(b < 1 for b in self.prompt_buckets):
       raise ValueError(f"prompt_buckets={self.prompt_buckets} must be positive lengths")
+    if self.loop not in LOOPS:
+      raise ValueError(f"loop={self.loop!r} is not a decode loop; use one of {LOOPS}")
+    if self.num_slots < 1:
+      raise ValueError(f"num_slots={self.num_slots} must be >= 1 (rows decoded at once)")
+    if self.shrink_levels < 0:
+      raise ValueError(f"shrink_levels={self.shrink_levels} must be >= 0 (0 = never shrink)")
+    if self.kv_layout not in KV_LAYOUTS:
+      raise ValueError(f"kv_layout={self.kv_layout!r} is not a KV layout; use one of {KV_LAYOUTS}")
+    if self.page_size < 1:
+      raise ValueError(f"page_size={self.page_size} must be >= 1 (tokens per KV page)")
     if list(self.prompt_buckets) != sorted(set(self.prompt_buckets)):
       raise ValueError(
         f"prompt_buckets={self.prompt_buckets} must be strictly increasing, e.g. (64, 128, 256)"

@@ -47,17 +47,29 @@ def trace_counts() -> dict[str, int]:
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "cache_size"))
 def prefill(graphdef, state, tokens_PT, mask_PT, *, num_samples: int, cache_size: int):
   """Cached forward over the padded prompts. Returns (last logits [P, V] float32, KVCache
-  with B = P * G rows of S = cache_size slots, index Tp)."""
+  with B = P * G rows of S = cache_size slots, index Tp).
+
+  The forward runs over a Tp-slot cache, which is then padded to S: prefill attends over
+  the prompt only, and every cache size (the continuous loop's Tp, the lock-step's Tp + C)
+  gets the same bits."""
   TRACE_COUNTS["prefill"] += 1
   model = nnx.merge(graphdef, state)
-  Pn = tokens_PT.shape[0]
-  cache = KVCache.zeros(model.cfg, Pn, cache_size).constrain()
+  Pn, Tp = tokens_PT.shape
+  cache = KVCache.zeros(model.cfg, Pn, Tp).constrain()
   hidden_PTD, cache = model.prefill(
     tokens_PT, positions_from_mask(mask_PT), mask_PT, cache, return_hidden=True
   )
   # Only the last position feeds the first draw: project just that one (saves a
   # [P, Tp, D] x [D, V] matmul).
   last_PV = model.logits(hidden_PTD[:, -1:])[:, 0]
+  pad = lambda x, axis: jnp.pad(
+    x, [(0, cache_size - Tp if a == axis else 0) for a in range(x.ndim)]
+  )
+  cache = cache.replace(
+    k=tuple(pad(k, 3) for k in cache.k),
+    v=tuple(pad(v, 2) for v in cache.v),
+    valid_BS=pad(cache.valid_BS, 1),
+  )
   cache = cache.repeat(num_samples).constrain()
   return last_PV, cache
 
@@ -192,7 +204,16 @@ def generate_state(
   """`generate` over a split model (graphdef, state): the trainer passes its live policy
   state (no copy). prompt_ids: one integer per prompt folded into its PRNG keys (default:
   the prompt's position in `prompts`); give stable ids (e.g. dataset indices) to make a
-  prompt's samples independent of where it sits in the batch."""
+  prompt's samples independent of where it sits in the batch. cfg.loop picks the decode
+  loop: "lockstep" (here) or "continuous" (`continuous.generate_continuous_state`), same
+  output."""
+  if cfg.loop == "continuous":
+    # Imported here: continuous.py builds on this module's prefill and helpers.
+    from egrc_jax.sampler.continuous import generate_continuous_state
+
+    return generate_continuous_state(
+      graphdef, state, prompts, cfg, num_samples, seed, mesh, prompt_ids
+    )
   if num_samples < 1:
     raise ValueError(f"num_samples={num_samples} must be >= 1 (G samples per prompt)")
   model_cfg = nnx.merge(graphdef, state).cfg
