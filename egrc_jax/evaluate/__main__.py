@@ -62,6 +62,8 @@ def parser() -> cli.Parser:
   a("--tokenizer", default="", help="tokenizer directory (default: the model's)")
   a("--save_token_entropy", action="store_true", help="store token ids + entropies per sample")
   a("--prompt_buckets", type=int_tuple, default=DEFAULT_BUCKETS)
+  a("--loop", default="continuous", choices=("continuous", "lockstep"), help="decode loop")
+  a("--num_slots", type=int, default=64, help="continuous loop: rows decoded at once")
   a("--param_dtype", default="", choices=("", "float32", "bfloat16"))
   a("--dtype", default="", choices=("", "float32", "bfloat16"))
   return p

@@ -68,6 +68,8 @@ class EvalConfig:
   tokenizer: str = ""  # tokenizer directory (default: the model's)
   save_token_entropy: bool = False  # store token ids and per-token entropies per sample
   prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS
+  loop: str = "continuous"  # the decode loop: continuous (slots refilled on device) | lockstep
+  num_slots: int = 64  # continuous: rows decoded at once
   param_dtype: str = ""  # override the checkpoint's weight dtype (float32 | bfloat16)
   dtype: str = ""  # override the compute dtype
 
@@ -90,7 +92,7 @@ class EvalConfig:
     return SamplingConfig(
       temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, greedy=self.greedy,
       max_new_tokens=self.max_new_tokens, stop_token_ids=stop_ids, pad_id=pad_id,
-      prompt_buckets=self.prompt_buckets,
+      prompt_buckets=self.prompt_buckets, loop=self.loop, num_slots=self.num_slots,
     )  # fmt: skip
 
   def resume_settings(self) -> dict:

@@ -52,26 +52,30 @@ def _mean(parts: list[np.ndarray]) -> float:
   return float(x.mean()) if x.size else float("nan")
 
 
-def sampling_config(tokenizer, temperature: float, max_new_tokens: int) -> SamplingConfig:
-  """temperature 0 means greedy decoding."""
+def sampling_config(
+  tokenizer, temperature: float, max_new_tokens: int, decode: dict | None = None
+) -> SamplingConfig:
+  """temperature 0 means greedy decoding; `decode`: the decode loop's settings
+  (`trainer.plan.decode_loop_settings`; None: the sampler's defaults)."""
   return SamplingConfig(
     temperature=temperature if temperature > 0 else 1.0,
     greedy=temperature <= 0,
     max_new_tokens=max_new_tokens,
     stop_token_ids=(tokenizer.eos_token_id,),
     pad_id=tokenizer.pad_token_id,
+    **(decode or {}),
   )
 
 
 def evaluate(
   model, tokenizer, problems: list[task_lib.Problem], *, temperature: float,
-  max_new_tokens: int, seed: int = 0, batch_size: int = 250,
+  max_new_tokens: int, seed: int = 0, batch_size: int = 250, decode: dict | None = None,
 ) -> dict[str, float]:  # fmt: skip
   """One sample per problem (temperature 0: greedy): accuracy, mean length, truncation,
   connector share, mean policy entropy at connector tokens and elsewhere, and the concise
   reference length with the ratio to it."""
   prompts = [tok_lib.encode_prompt(tokenizer, p.text) for p in problems]
-  cfg = sampling_config(tokenizer, temperature, max_new_tokens)
+  cfg = sampling_config(tokenizer, temperature, max_new_tokens, decode)
   completions: list[list[int]] = []
   conn_entropy, other_entropy = [], []
   conn = connector_ids(tokenizer)

@@ -157,7 +157,8 @@ def evaluate_all(plan: ToyPlan, seed_dir, seed: int, models, log: Progress) -> d
       continue
     t = time.perf_counter()
     m = evaluate(load(), tokenizer, problems, temperature=plan.eval_temperature,
-                 max_new_tokens=plan.eval_max_new_tokens, seed=seed)  # fmt: skip
+                 max_new_tokens=plan.eval_max_new_tokens, seed=seed,
+                 decode=plan.decode)  # fmt: skip
     cache["models"][name] = m
     path.write_text(json.dumps(cache, indent=1) + "\n")
     log(f"  eval {name}: accuracy {m['accuracy']:.3f}  mean length {m['mean_length']:.1f}"
@@ -172,7 +173,7 @@ def high_entropy_tokens(plan: ToyPlan, seed_dir, seed, models, out: pathlib.Path
   problems = load_problems(seed_dir / "data" / "test.jsonl", plan.num_test)
   problems = problems[: min(plan.pipeline.high_entropy_prompts, 250)]  # evaluate's 1st batch
   prompts = [tok_lib.encode_prompt(tokenizer, p.text) for p in problems]
-  scfg = sampling_config(tokenizer, plan.eval_temperature, plan.eval_max_new_tokens)
+  scfg = sampling_config(tokenizer, plan.eval_temperature, plan.eval_max_new_tokens, plan.decode)
   summaries = {}
   for name in ("sft", "egrc"):
     rollout = generate(models[name](), prompts, scfg, seed=seed)

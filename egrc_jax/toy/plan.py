@@ -22,6 +22,7 @@ from egrc_jax import cli
 from egrc_jax.toy.sft import SftConfig
 from egrc_jax.toy.task import CotConfig, TaskConfig
 from egrc_jax.trainer.config import finalize, from_section, load_config_spec
+from egrc_jax.trainer.plan import decode_loop_settings
 
 RL_ARMS = ("egrc", "ee", "reverse")
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "toy.py")
@@ -54,6 +55,7 @@ class ToyPlan:
   eval_max_new_tokens: int  # eval.max_new_tokens
   num_test: int  # eval.num_prompts: the held-out problems every model answers
   rho: float  # loss.rho: the high-entropy quantile of the token lists
+  decode: dict  # rollout.{loop, num_slots, ...}: the evaluation's decode loop too
 
   @property
   def seeds(self) -> tuple[int, ...]:
@@ -84,6 +86,7 @@ def toy_plan(c: ml_collections.ConfigDict) -> ToyPlan:
     eval_max_new_tokens=c.eval.max_new_tokens,
     num_test=c.eval.num_prompts,
     rho=c.loss.rho,
+    decode=decode_loop_settings(c),
   )
 
 

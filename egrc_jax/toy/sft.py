@@ -238,7 +238,7 @@ def run_sft(plan, workdir, seed: int, log=print, evaluate_model: bool = False) -
   if evaluate_model:
     metrics.update(evaluate(
       model, tokenizer, test, temperature=plan.eval_temperature,
-      max_new_tokens=plan.eval_max_new_tokens, seed=seed,
+      max_new_tokens=plan.eval_max_new_tokens, seed=seed, decode=plan.decode,
     ))  # fmt: skip
   (workdir / "sft_metrics.json").write_text(json.dumps(metrics, indent=1, default=str) + "\n")
   return metrics

@@ -70,6 +70,14 @@ def base_config() -> ml_collections.ConfigDict:
   # learner cannot reproduce a filtered q, so the ratio would start at the kept mass < 1).
   c.rollout.recompute_old_logprobs = "auto"  # auto | always | never
   c.rollout.prompt_buckets = (64, 128, 256, 512, 1024)  # compiled prompt lengths
+  # The decode loop of rollouts and evaluation (docs/sampler.md): continuous (a fixed number
+  # of slots, each refilled on device with the next (prompt, sample) as its row stops; one
+  # prompt cache per group) | lockstep (every row until the longest stops).
+  c.rollout.loop = "continuous"  # continuous | lockstep
+  c.rollout.num_slots = 64  # continuous: rows decoded at once (at most P * G are used)
+  c.rollout.shrink_levels = 3  # continuous: halvings of the slots when nothing is pending
+  c.rollout.kv_layout = "auto"  # continuous: auto (TPU: paged, else dense) | dense | split | paged
+  c.rollout.page_size = 16  # continuous, paged: tokens per KV page
 
   # -- grading --------------------------------------------------------------------------
   c.grading = ml_collections.ConfigDict()

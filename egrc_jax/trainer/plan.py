@@ -254,15 +254,29 @@ def _single(c, common, name: str, reward_name: str) -> StagePlan:
     )
 
 
+def decode_loop_settings(c) -> dict:
+  """The decode loop's SamplingConfig fields (rollout.loop, ...), shared by the rollouts and
+  the evaluation."""
+  r = c.rollout
+  return dict(
+    loop=r.loop,
+    num_slots=r.num_slots,
+    shrink_levels=r.shrink_levels,
+    kv_layout=r.kv_layout,
+    page_size=r.page_size,
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class _Common:
-  """What every stage's plan shares: the rollout's filters and budget."""
+  """What every stage's plan shares: the rollout's filters, budget and decode loop."""
 
   top_p: float
   top_k: int
   max_new_tokens: int
   prompt_buckets: tuple[int, ...]
   recompute: bool
+  loop: tuple[tuple[str, object], ...]  # decode_loop_settings
 
   def sampling(self, temperature: float) -> SamplingConfig:
     return SamplingConfig(
@@ -271,6 +285,7 @@ class _Common:
       top_k=self.top_k,
       max_new_tokens=self.max_new_tokens,
       prompt_buckets=self.prompt_buckets,
+      **dict(self.loop),
     )
 
 
@@ -286,7 +301,8 @@ def stage_plans(c) -> tuple[StagePlan, ...]:
     r.recompute_old_logprobs == "auto" and filtered
   )
   with _section("rollout"):
-    common = _Common(r.top_p, r.top_k, r.max_new_tokens, tuple(r.prompt_buckets), recompute)
+    loop = tuple(decode_loop_settings(c).items())
+    common = _Common(r.top_p, r.top_k, r.max_new_tokens, tuple(r.prompt_buckets), recompute, loop)
     common.sampling(1.0)  # validates the shared sampling settings once, under their name
   table = {
     "egrc": lambda: (_compress(c, common), _enhance(c, common)),
@@ -350,6 +366,7 @@ def eval_plan(c) -> EvalPlan:
       top_p=e.top_p,
       max_new_tokens=e.max_new_tokens,
       prompt_buckets=tuple(c.rollout.prompt_buckets),
+      **decode_loop_settings(c),
     )
     if e.every < 0 or e.num_prompts < 0 or e.num_samples < 1:
       raise ValueError(
