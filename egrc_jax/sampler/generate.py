@@ -5,6 +5,8 @@ Tp padded prompt length (a bucket), C completion budget, S = Tp + C cache slots,
 
 Flow of `generate_state`:
   1. host: left-pad the P prompts to the smallest bucket Tp that holds the longest one;
+     on a mesh, copy the params once into the sampling layout (`sampling_params`: bf16,
+     no FSDP), so that no decode step all-gathers weights;
   2. `prefill` (jit): one cached forward over [P, Tp] into a KVCache of S slots; keeps the
      last position's logits [P, V]; repeats the cache G times (one prefill per prompt);
   3. `decode_loop` (jit, cache donated): draws token 0 for each of the B rows from the
@@ -33,6 +35,7 @@ from egrc_jax.model import KVCache, Transformer, positions_from_mask
 from egrc_jax.sampler.config import SamplingConfig
 from egrc_jax.sampler.rollout import Rollout
 from egrc_jax.sampler.sampling import sample_step
+from egrc_jax.sharding import to_sampling_layout
 
 # How many times each jitted function was traced (a trace is a compile): tests assert that
 # the decode loop compiles once per shape bucket.
@@ -174,13 +177,32 @@ def check_config(cfg: SamplingConfig, vocab_size: int, max_positions: int, longe
     )
 
 
-def _put(x: np.ndarray, mesh: Mesh | None):
+def rows_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
   """Rows over data x fsdp when they divide evenly, replicated otherwise."""
+  n = mesh.shape["data"] * mesh.shape["fsdp"]
+  spec = P(("data", "fsdp"), *([None] * (len(shape) - 1))) if shape[0] % n == 0 else P()
+  return NamedSharding(mesh, spec)
+
+
+def _put(x: np.ndarray, mesh: Mesh | None):
   if mesh is None:
     return jnp.asarray(x)
-  n = mesh.shape["data"] * mesh.shape["fsdp"]
-  spec = P(("data", "fsdp"), *([None] * (x.ndim - 1))) if x.shape[0] % n == 0 else P()
-  return jax.device_put(x, NamedSharding(mesh, spec))
+  return jax.device_put(x, rows_sharding(x.shape, mesh))
+
+
+LAYOUTS = ("sampling", "training")
+
+
+def sampling_params(state: nnx.State, model_cfg, mesh: Mesh | None, layout: str = "sampling"):
+  """The params the rollout reads. layout="sampling" (default): one copy per rollout
+  without FSDP, cast to the compute dtype (`sharding.to_sampling_layout`), so the decode
+  loop never all-gathers weights; "training": the learner's arrays as they are (each
+  decode step then gathers the FSDP-split model). Without a mesh: the state itself."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout={layout!r}: use one of {LAYOUTS}")
+  if mesh is None or layout == "training":
+    return state
+  return to_sampling_layout(state, mesh, model_cfg.jnp_dtype)
 
 
 def generate_state(
@@ -192,11 +214,14 @@ def generate_state(
   seed: int = 0,
   mesh: Mesh | None = None,
   prompt_ids: Sequence[int] | None = None,
+  layout: str = "sampling",
 ) -> Rollout:
   """`generate` over a split model (graphdef, state): the trainer passes its live policy
-  state (no copy). prompt_ids: one integer per prompt folded into its PRNG keys (default:
-  the prompt's position in `prompts`); give stable ids (e.g. dataset indices) to make a
-  prompt's samples independent of where it sits in the batch."""
+  state. On a mesh the params are copied once, before prefill, into the sampling layout
+  (`sampling_params`; layout="training" reads the learner's FSDP layout directly).
+  prompt_ids: one integer per prompt folded into its PRNG keys (default: the prompt's
+  position in `prompts`); give stable ids (e.g. dataset indices) to make a prompt's samples
+  independent of where it sits in the batch."""
   if num_samples < 1:
     raise ValueError(f"num_samples={num_samples} must be >= 1 (G samples per prompt)")
   model_cfg = nnx.merge(graphdef, state).cfg
@@ -209,6 +234,7 @@ def generate_state(
   rep = lambda x: np.repeat(x, G, axis=0)
 
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    state = sampling_params(state, model_cfg, mesh, layout)
     last_PV, cache = prefill(
       graphdef,
       state,
@@ -251,7 +277,10 @@ def generate(
   seed: int = 0,
   mesh: Mesh | None = None,
   prompt_ids: Sequence[int] | None = None,
+  layout: str = "sampling",
 ) -> Rollout:
   """G = num_samples completions for each prompt (host token lists); see `generate_state`."""
   graphdef, state = nnx.split(model)
-  return generate_state(graphdef, state, prompts, cfg, num_samples, seed, mesh, prompt_ids)
+  return generate_state(
+    graphdef, state, prompts, cfg, num_samples, seed, mesh, prompt_ids, layout=layout
+  )
