@@ -36,7 +36,13 @@ from egrc_jax.plan.settings import (
   Term,
   nbytes,
 )
-from egrc_jax.sharding import MESH_AXES, abstract_model, state_shardings
+from egrc_jax.sharding import (
+  MESH_AXES,
+  abstract_model,
+  keeps_param_dtype,
+  sampling_shardings,
+  state_shardings,
+)
 
 
 def abstract_mesh(mesh_shape: dict[str, int]) -> AbstractMesh:
@@ -75,8 +81,31 @@ def kv_cache_bytes(cfg: ModelConfig, s: PlanSettings, rows: int) -> int:
   return kv + r * s.cache_len  # valid_BS
 
 
-def layer_bytes(cfg: ModelConfig, s: PlanSettings, b: int, T: int, S: int) -> tuple[int, str]:
-  """What one block keeps for its backward (or holds at once in a forward), per device."""
+@functools.lru_cache(maxsize=32)
+def _sampling_elements(cfg: ModelConfig, sizes: tuple[int, ...]) -> tuple[int, int]:
+  """(norm-scale elements, other elements) per device in the sampling layout."""
+  _, state = abstract_model(cfg)
+  mesh = abstract_mesh(dict(zip(MESH_AXES, sizes, strict=True)))
+  shardings = sampling_shardings(state, mesh)
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_var)[0]
+  norm = other = 0
+  for (path, var), sh in zip(flat, jax.tree.leaves(shardings, is_leaf=is_var), strict=True):
+    n = math.prod(sh.get_value().shard_shape(var.shape))
+    norm, other = (norm + n, other) if keeps_param_dtype(path) else (norm, other + n)
+  return norm, other
+
+
+def sampling_param_bytes(cfg: ModelConfig, s: PlanSettings) -> int:
+  """Bytes per device of the sampling copy: norm scales in param dtype, every other weight
+  in the narrower of the param and compute dtypes (`sharding.sampling_dtype`)."""
+  norm, other = _sampling_elements(cfg, tuple(int(v) for _, v in s.mesh_shape))
+  pb = nbytes(s.param_dtype)
+  return norm * pb + other * min(pb, nbytes(s.compute_dtype))
+
+
+def linear_bytes(cfg: ModelConfig, s: PlanSettings, b: int, T: int) -> tuple[int, str]:
+  """One block's activations besides the attention scores, per device."""
   a, t = nbytes(s.compute_dtype), s.tensor
   D, F, N, K, H = (
     cfg.hidden_size,
@@ -87,7 +116,14 @@ def layer_bytes(cfg: ModelConfig, s: PlanSettings, b: int, T: int, S: int) -> tu
   )
   Nt, Kt, Ft = N // _split(N, t), K // _split(K, t), F // _split(F, t)
   linear = b * T * (a * (4 * D + 2 * Nt * H + 2 * Kt * H + 3 * Ft) + 4 * 2 * D)
-  formula = "b T [a (4D + 2N/t_h H + 2K/t_k H + 3F/t_f) + 8D]"
+  return linear, "b T [a (4D + 2N/t_h H + 2K/t_k H + 3F/t_f) + 8D]"
+
+
+def layer_bytes(cfg: ModelConfig, s: PlanSettings, b: int, T: int, S: int) -> tuple[int, str]:
+  """What one learner block keeps for its backward (or holds at once in a forward)."""
+  a = nbytes(s.compute_dtype)
+  Nt = cfg.num_heads // _split(cfg.num_heads, s.tensor)
+  linear, formula = linear_bytes(cfg, s, b, T)
   if s.attention == "dense":
     scores = b * Nt * T * S * (4 + a)
     formula += " + b N/t_h T S (4 + a)"
@@ -102,8 +138,9 @@ def activation_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
 
   none: (L + 1) x layer   -- every block's saved tensors, plus one block's cotangents.
   full: L b T D a + 2 x layer -- block inputs only; one block recomputed plus its cotangents.
-  head: b T D (a + 4) + 3 x min(logits_chunk, b T) x V/t_v x 4 -- final hidden, and one
-        chunk's f32 logits, probabilities and cotangent (the loss is chunked and remat'd).
+  head: b T D (a + 4) + 3 b T C_v 4 + D/f V/t_v 4 -- final hidden and its cotangent; one vocab
+        chunk's f32 logits, probabilities and cotangent for every position (the loss loops
+        over C_v = min(vocab_chunk, V/t_v) columns at a time); the f32 lm-head gradient.
   """
   b, T, L = s.micro_batch_rows // (s.data * s.fsdp), s.seq_len, cfg.num_layers
   a = nbytes(s.compute_dtype)
@@ -114,46 +151,76 @@ def activation_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
     blocks = L * b * T * cfg.hidden_size * a + 2 * layer
     bf = f"L b T D a + 2 x layer; layer = {lf}"
   V = cfg.vocab_size // _split(cfg.vocab_size, s.tensor)
-  chunk = min(s.logits_chunk, b * T)
-  head = b * T * cfg.hidden_size * (a + 4) + 3 * chunk * V * 4
+  chunk = min(s.vocab_chunk, V)
+  head = b * T * cfg.hidden_size * (a + 4) + 3 * b * T * chunk * 4
+  head += cfg.hidden_size // _split(cfg.hidden_size, s.fsdp) * V * 4
   return [
     Term(f"activations (remat={s.remat}, {s.attention})", "train", blocks, bf),
     Term(
       "final hidden + logits/entropy chunk",
       "train",
       head,
-      f"b T D (a + 4) + 3 min({s.logits_chunk}, b T) V/t_v 4",
+      f"b T D (a + 4) + 3 b T min({s.vocab_chunk}, V/t_v) 4 + D/f V/t_v 4",
     ),
   ]
 
 
-def rollout_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
-  """KV cache of the rollout rows, plus the larger of the prefill and decode working sets.
+def reference_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
+  """The reference pass (KL on): a forward over all r rollout rows at once (no micro-batches,
+  no backward): hidden r T D a, one block's linear activations and its f32 scores, f32
+  softmax exponentials and bf16 probabilities, and one vocab chunk's f32 logits and
+  exponentials for every position."""
+  r, T, a = s.rollout_rows // (s.data * s.fsdp), s.seq_len, nbytes(s.compute_dtype)
+  Nt = cfg.num_heads // _split(cfg.num_heads, s.tensor)
+  V = cfg.vocab_size // _split(cfg.vocab_size, s.tensor)
+  linear, lf = linear_bytes(cfg, s, r, T)
+  scores = r * Nt * T * T * (8 + a) if s.attention == "dense" else r * Nt * T * 8
+  work = r * T * cfg.hidden_size * a + linear + scores + 2 * r * T * min(s.vocab_chunk, V) * 4
+  formula = f"r T D a + {lf.replace('b T', 'r T')} + r N/t_h T T (8 + a) + 2 r T C_v 4"
+  return [Term("reference forward (all rows)", "reference", work, formula)]
 
-  prefill: KV(p rows) + one block's forward at (p, P) + p P D a -- before the G-fold repeat;
-           the repeat briefly holds KV(p) and KV(r) together, counted via max(., KV(p)).
-  decode:  3 r V/t_v 4 + r N/t_h S (4 + a) -- one step's f32 logits/probs/entropy and one
-           layer's attention scores against the cache.
+
+def rollout_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
+  """What the rollout programs hold besides the learner's state (r rows per device).
+
+  rollout (prefill and decode): the KV cache of the r rows, and the sampling copy of the
+  params when `sampling_layout` (every weight without fsdp, in the compute dtype).
+  prefill: KV(p) + p N/t_h P S (8 + a) + linear(p, P) -- the prompt rows' own cache (the
+           G-fold repeat into KV(r) is its output), and one block's f32 scores, f32 softmax
+           exponentials and bf16 probabilities of its P queries against all S cache slots.
+  decode:  3 r V/t_v 4 + r N/t_h S (4 + a) + 17 r C -- one step's f32 logits, probabilities
+           and entropy terms, one layer's scores against the cache, and the [r, C] outputs
+           (int32 tokens, bool mask, three f32 statistics).
+  reshard: at most one more sampling copy -- each weight arrives from its all-gather in a
+           receive buffer and is laid out into the copy; XLA reuses some of those buffers
+           across weights (the compiler: 62% of a copy for 1.5B on fsdp 16, 100% for 7B on
+           fsdp 4 x tensor 4), so this is an upper bound.
   """
   rows = s.data * s.fsdp
   r, a = s.rollout_rows // rows, nbytes(s.compute_dtype)
   V = cfg.vocab_size // _split(cfg.vocab_size, s.tensor)
   Nt = cfg.num_heads // _split(cfg.num_heads, s.tensor)
   kv = kv_cache_bytes(cfg, s, s.rollout_rows)
-  decode = 3 * r * V * 4 + r * Nt * s.cache_len * (4 + a)
   terms = [Term("KV cache (rollout rows)", "rollout", kv, "2 L r S K/t_k H a_kv + r S")]
-  p_rows = s.prefill_rows or s.rollout_rows
-  kv_p = kv_cache_bytes(cfg, s, p_rows)
-  work = max(decode, kv_p if p_rows != s.rollout_rows else 0)
-  wf = "max(3 r V/t_v 4 + r N/t_h S (4 + a), KV(p)"
+  if s.sampling_layout:
+    copy = sampling_param_bytes(cfg, s)
+    terms.append(
+      Term("sampling params (no fsdp)", "sampling", copy, "params/t in min(param, compute) B")
+    )
+    terms.append(Term("reshard gather buffers", "reshard", copy, "<= the sampling params"))
+  C = s.cache_len - s.prompt_len
+  decode = 3 * r * V * 4 + r * Nt * s.cache_len * (4 + a) + 17 * r * C
+  terms.append(
+    Term("decode step working set", "decode", decode, "3 r V/t_v 4 + r N/t_h S (4 + a) + 17 r C")
+  )
   if s.prompt_len:
-    p = p_rows // rows
-    layer, _ = layer_bytes(cfg, s, p, s.prompt_len, s.prompt_len)
-    # Prefill runs before the r-row cache exists: count its peak as an excess over KV(r).
-    work = max(work, kv_p + layer + p * s.prompt_len * cfg.hidden_size * a - kv)
-    wf += ", KV(p) + layer(p, P) + p P D a - KV(r)"
-  wf += ")"
-  terms.append(Term("rollout working set", "rollout", work, wf))
+    p = (s.prefill_rows or s.rollout_rows) // rows
+    kv_p = kv_cache_bytes(cfg, s, s.prefill_rows or s.rollout_rows)
+    linear, _ = linear_bytes(cfg, s, p, s.prompt_len)
+    prefill = kv_p + p * Nt * s.prompt_len * s.cache_len * (8 + a) + linear
+    terms.append(
+      Term("prefill working set", "prefill", prefill, "KV(p) + p N/t_h P S (8 + a) + linear(p, P)")
+    )
   return terms
 
 
@@ -214,6 +281,8 @@ def plan_memory(
   if s.reference:
     terms.append(Term("reference params (KL on)", "state", n * pb, f"{n:,} x {pb} B"))
   terms += rollout_terms(model_cfg, s)
+  if s.reference:
+    terms += reference_terms(model_cfg, s)
   gb = nbytes(s.grad_dtype)
   terms.append(
     Term("gradients (accumulator + micro)", "train", n * (gb + pb), f"{n:,} x ({gb} + {pb}) B")
@@ -227,7 +296,15 @@ def plan_memory(
     f" in {s.opt_state_dtype}, sharded like the params",
     f"gradients: one {s.grad_dtype} accumulator over micro-batches plus one micro-batch's"
     " grads in param dtype; the update is donated in place (no second copy of the state)",
-    "rollout and learner phases never overlap (KV cache freed before the train step)",
+    "programs never overlap: each needs state + its own terms (reshard: sampling copy +"
+    " layout copy; prefill / decode: KV cache + sampling copy + their working set; train;"
+    " reference), and the peak is the largest",
+    "rollout params: "
+    + (
+      "a copy without fsdp in the compute dtype, made once per rollout (sharding.py)"
+      if s.sampling_layout
+      else "the learner's FSDP arrays (each decode step gathers them)"
+    ),
     f"activation formulas are estimates (XLA fusion changes them by tens of percent);"
     f" attention={s.attention}: dense holds f32 scores + probs [N/t_h, T, S] per block",
     f"reserve {s.reserve:.0%} of HBM for XLA scratch, collectives buffers and fragmentation",
