@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import jax
+
 from egrc_jax.plan.hlo import LoopCollectives, main_loop_collectives
 from egrc_jax.plan.programs import PROGRAMS, Program, model_config, run_programs
 from egrc_jax.plan.topology import Slice, available_hbm_bytes, parse_oom, slice_mesh
@@ -105,6 +107,12 @@ def compile_program(program: Program, spec: Slice, available: int, compiled: dic
     model_flops=program.model_flops,
   )
   t0 = time.perf_counter()
+  # A compile-only executable cannot be read back from JAX's persistent cache (it needs a
+  # client with devices): keep it out of the cache, where it would only be an unreadable
+  # entry. (Whether a process uses the cache at all is settled at its first compile, so
+  # the write threshold is what can still be raised here.)
+  min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
   try:
     exe = program.lower(compiled).compile()
   except Exception as e:  # XLA raises JaxRuntimeError; only its out-of-HBM refusal is ours
@@ -115,6 +123,8 @@ def compile_program(program: Program, spec: Slice, available: int, compiled: dic
     report.error = str(e).strip().splitlines()[0]
     report.compile_s = time.perf_counter() - t0
     return report, None
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
   report.compile_s = time.perf_counter() - t0
   _memory(report, exe)
   _cost(report, exe, spec)

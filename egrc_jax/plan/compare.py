@@ -34,11 +34,12 @@ def _formula_programs(c, report: RunReport) -> dict[str, int | str]:
   sampling = report.layout == "sampling"
   out: dict[str, int | str] = dict(formula_plan_for(c, report, sampling=sampling).program_bytes())
   rows, group = c.eval.num_prompts * c.eval.num_samples, c.eval.num_samples
+  names = ("prefill", "reshard", "decode")
   try:
     ev = formula_plan_for(c, report, rows=rows, group=group, sampling=sampling).program_bytes()
-    out.update({"eval_prefill": ev["prefill"], "eval_decode": ev["decode"]})
-  except ValueError as e:  # rows that do not split over data x fsdp: the compiler replicates
-    out.update({"eval_prefill": f"n/a ({e})", "eval_decode": f"n/a ({e})"})
+    out.update({f"eval_{n}": ev[n] for n in names if n in ev})
+  except ValueError:  # rows that do not split over data x fsdp: the compiler replicates them
+    out.update({f"eval_{n}": "n/a (rows do not split over data x fsdp)" for n in names})
   return out
 
 

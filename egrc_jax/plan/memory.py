@@ -183,11 +183,14 @@ def reference_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
 def rollout_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
   """What the rollout programs hold besides the learner's state (r rows per device).
 
-  rollout (prefill and decode): the KV cache of the r rows, and the sampling copy of the
-  params when `sampling_layout` (every weight without fsdp, in the compute dtype).
+  rollout: the KV cache of the r rows (the prefill's output, the decode's carry).
+  sampling (reshard and decode, when `sampling_layout`): the copy of the params the decode
+           reads, every weight without fsdp in the compute dtype, made after the prefill.
   prefill: KV(p) + p N/t_h P S (8 + a) + linear(p, P) -- the prompt rows' own cache (the
-           G-fold repeat into KV(r) is its output), and one block's f32 scores, f32 softmax
-           exponentials and bf16 probabilities of its P queries against all S cache slots.
+           G-fold repeat into KV(r) is its output), and f32 scores of P queries against all
+           S cache slots twice (XLA may overlap two blocks' softmax) plus bf16 probabilities.
+           An upper bound: on the FSDP params XLA may keep one block's scores and write the
+           prompt cache straight into its repeat (1.5B on a v4-32: 35% less).
   decode:  3 r V/t_v 4 + r N/t_h S (4 + a) + 17 r C -- one step's f32 logits, probabilities
            and entropy terms, one layer's scores against the cache, and the [r, C] outputs
            (int32 tokens, bool mask, three f32 statistics).
@@ -296,9 +299,9 @@ def plan_memory(
     f" in {s.opt_state_dtype}, sharded like the params",
     f"gradients: one {s.grad_dtype} accumulator over micro-batches plus one micro-batch's"
     " grads in param dtype; the update is donated in place (no second copy of the state)",
-    "programs never overlap: each needs state + its own terms (reshard: sampling copy +"
-    " layout copy; prefill / decode: KV cache + sampling copy + their working set; train;"
-    " reference), and the peak is the largest",
+    "programs never overlap: each needs state + its own terms (prefill: KV cache + its"
+    " working set; reshard: KV cache + sampling copy + gather buffers; decode: KV cache +"
+    " sampling copy + one step; train; reference), and the peak is the largest",
     "rollout params: "
     + (
       "a copy without fsdp in the compute dtype, made once per rollout (sharding.py)"

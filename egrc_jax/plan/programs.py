@@ -47,7 +47,16 @@ from egrc_jax.train import reference_logprobs as _reference_logprobs
 from egrc_jax.trainer.setup import loss_config
 from egrc_jax.trainer.stages import stage_loss_config, stages_for
 
-PROGRAMS = ("reshard", "prefill", "decode", "reference", "train", "eval_prefill", "eval_decode")
+PROGRAMS = (
+  "prefill",
+  "reshard",
+  "decode",
+  "reference",
+  "train",
+  "eval_prefill",
+  "eval_reshard",
+  "eval_decode",
+)
 # The trainer's reference pass: `jax.jit(reference_logprobs, static_argnums=(0, 4))`.
 reference_fn = jax.jit(_reference_logprobs, static_argnums=(0, 4))
 
@@ -237,23 +246,11 @@ def run_programs(c, mesh: Mesh, layout: str = "sampling") -> dict[str, Program]:
   ref = {"reference params (KL on)": device_bytes(params)} if use_ref else {}
   seed = jax.ShapeDtypeStruct((), jnp.uint32, sharding=NamedSharding(mesh, P()))
   decode_params = samp_params if layout == "sampling" else params
-  if layout == "sampling":  # the learner's state stays put beside the sampling copy
-    during_rollout = {"train state (params + optimizer)": state_bytes, **ref}
-  else:  # the decode's arguments are the learner's params themselves
-    during_rollout = {"optimizer state": opt_bytes, **ref}
+  # prefill (and the training-layout decode) read the learner's params as arguments; the
+  # sampling-layout decode reads the copy, beside the learner's whole state
+  beside_params = {"optimizer state": opt_bytes, **ref}
+  beside_copy = {"train state (params + optimizer)": state_bytes, **ref}
   progs: dict[str, Program] = {}
-
-  if layout == "sampling":
-    progs["reshard"] = Program(
-      "reshard",
-      sampling_layout_fn(sampling_shardings(params, mesh), cfg.jnp_dtype),
-      lambda _: (params,),
-      {},
-      {"optimizer state": opt_bytes, **ref},
-      ("mesh.tensor",),
-      mesh=mesh,
-      note="params -> sampling layout (bf16, no fsdp), once per rollout",
-    )
 
   def sampler_programs(prefix: str, prompts: int, group: int, scfg: SamplingConfig, keys):
     rows = prompts * group
@@ -262,13 +259,25 @@ def run_programs(c, mesh: Mesh, layout: str = "sampling") -> dict[str, Program]:
     progs[prefix + "prefill"] = Program(
       prefix + "prefill",
       prefill,
-      lambda _: (graphdef, decode_params, tokens, mask),
+      lambda _: (graphdef, params, tokens, mask),
       {"num_samples": group, "cache_size": Tp + scfg.max_new_tokens},
-      during_rollout,
+      beside_params,
       keys,
       mesh=mesh,
       note=f"{prompts} prompts x {Tp} tokens -> KV cache of {rows} rows x {S} slots",
     )
+    if layout == "sampling":  # between prefill and decode, beside the prefill's KV cache
+      cache_bytes = device_bytes(_cache_shardings(cfg, rows, Tp + scfg.max_new_tokens, mesh))
+      progs[prefix + "reshard"] = Program(
+        prefix + "reshard",
+        sampling_layout_fn(sampling_shardings(params, mesh), cfg.jnp_dtype),
+        lambda _: (params,),
+        {},
+        {**beside_params, "KV cache (prefill output)": cache_bytes},
+        ("mesh.tensor", *keys),
+        mesh=mesh,
+        note="params -> sampling layout (bf16, no fsdp), once per rollout",
+      )
 
     def decode_args(compiled):
       pre = compiled.get(prefix + "prefill")
@@ -291,7 +300,7 @@ def run_programs(c, mesh: Mesh, layout: str = "sampling") -> dict[str, Program]:
       decode_loop,
       decode_args,
       {"cfg": scfg, "num_samples": group},
-      during_rollout,
+      beside_copy if layout == "sampling" else beside_params,
       keys,
       trips=scfg.max_new_tokens,
       loop="decode",

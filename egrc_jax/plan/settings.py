@@ -99,9 +99,9 @@ class PlanSettings:
 
 # Which term phases each program of a step holds on top of the "state" terms.
 PROGRAM_PHASES: dict[str, tuple[str, ...]] = {
-  "reshard": ("sampling", "reshard"),
-  "prefill": ("sampling", "rollout", "prefill"),
-  "decode": ("sampling", "rollout", "decode"),
+  "prefill": ("rollout", "prefill"),
+  "reshard": ("rollout", "sampling", "reshard"),  # the sampling copy, beside the KV cache
+  "decode": ("rollout", "sampling", "decode"),
   "train": ("train",),
   "reference": ("reference",),
 }

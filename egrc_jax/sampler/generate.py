@@ -5,10 +5,10 @@ Tp padded prompt length (a bucket), C completion budget, S = Tp + C cache slots,
 
 Flow of `generate_state`:
   1. host: left-pad the P prompts to the smallest bucket Tp that holds the longest one;
-     on a mesh, copy the params once into the sampling layout (`sampling_params`: bf16,
-     no FSDP), so that no decode step all-gathers weights;
   2. `prefill` (jit): one cached forward over [P, Tp] into a KVCache of S slots; keeps the
      last position's logits [P, V]; repeats the cache G times (one prefill per prompt);
+     then, on a mesh, the params are copied once into the sampling layout
+     (`sampling_params`: bf16, no FSDP), so that no decode step all-gathers weights;
   3. `decode_loop` (jit, cache donated): draws token 0 for each of the B rows from the
      repeated prefill logits, then while t < C and some row is live: feeds each row's last
      token at slot Tp + t - 1, draws token t. No host sync inside the loop.
@@ -194,7 +194,7 @@ LAYOUTS = ("sampling", "training")
 
 
 def sampling_params(state: nnx.State, model_cfg, mesh: Mesh | None, layout: str = "sampling"):
-  """The params the rollout reads. layout="sampling" (default): one copy per rollout
+  """The params the decode loop reads. layout="sampling" (default): one copy per rollout
   without FSDP, cast to the compute dtype (`sharding.to_sampling_layout`), so the decode
   loop never all-gathers weights; "training": the learner's arrays as they are (each
   decode step then gathers the FSDP-split model). Without a mesh: the state itself."""
@@ -217,8 +217,9 @@ def generate_state(
   layout: str = "sampling",
 ) -> Rollout:
   """`generate` over a split model (graphdef, state): the trainer passes its live policy
-  state. On a mesh the params are copied once, before prefill, into the sampling layout
-  (`sampling_params`; layout="training" reads the learner's FSDP layout directly).
+  state. On a mesh the decode loop reads a copy of the params made once, after the
+  prefill, in the sampling layout (`sampling_params`; layout="training" reads the learner's
+  FSDP layout directly).
   prompt_ids: one integer per prompt folded into its PRNG keys (default: the prompt's
   position in `prompts`); give stable ids (e.g. dataset indices) to make a prompt's samples
   independent of where it sits in the batch."""
@@ -234,7 +235,6 @@ def generate_state(
   rep = lambda x: np.repeat(x, G, axis=0)
 
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    state = sampling_params(state, model_cfg, mesh, layout)
     last_PV, cache = prefill(
       graphdef,
       state,
@@ -243,9 +243,13 @@ def generate_state(
       num_samples=G,
       cache_size=Tp + cfg.max_new_tokens,
     )
+    # After the prefill, not before: one forward gathers each layer once either way, and
+    # the prefill peaks lower on the FSDP arrays than on the copy (libtpu's compiler, v4-32:
+    # 20.7 vs 30.5 GiB per chip for 1.5B, 33.0 vs 36.5 for 7B; docs/memory_plan.md).
+    decode_state = sampling_params(state, model_cfg, mesh, layout)
     bufs, lengths_B, truncated_B, _ = decode_loop(
       graphdef,
-      state,
+      decode_state,
       cache,
       last_PV,
       _put(rep(lengths_P), mesh),
