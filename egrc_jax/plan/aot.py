@@ -25,7 +25,7 @@ import time
 
 import jax
 
-from egrc_jax.plan.hlo import LoopCollectives, main_loop_collectives
+from egrc_jax.plan.hlo import LoopCollectives, arrays, main_loop_collectives
 from egrc_jax.plan.programs import PROGRAMS, Program, model_config, run_programs
 from egrc_jax.plan.topology import Slice, available_hbm_bytes, parse_oom, slice_mesh
 
@@ -243,7 +243,21 @@ def _loop_lines(p: ProgramReport) -> str:
     f" parameter all-gathers: {len(gathers)} ({sum(c.bytes for c in gathers) / GIB:.3f} GiB"
     f" per step, {sum(c.bytes for c in gathers) * p.trips / GIB:,.0f} GiB over {p.trips} steps)"
   ]
+  groups: dict[tuple, list] = {}
+  for c in loop.collectives:  # identical ops (one per layer) on one line
+    key = (c.opcode, _shape(c.operand), _shape(c.result), c.param_like)
+    groups.setdefault(key, []).append(c)
+  for (op, operand, result, param), cs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+    tag = " (parameter)" if param else ""
+    lines.append(
+      f"  {len(cs)} x {op}{tag} {operand} -> {result}: {cs[0].bytes / 2**20:,.2f} MiB each"
+    )
   return "\n".join(lines)
+
+
+def _shape(type_str: str) -> str:
+  """'bf16[384,2,128]{2,0,1:T(8,128)}' -> 'bf16[384,2,128]' (the layout dropped)."""
+  return ", ".join(f"{dt}[{','.join(map(str, d))}]" for dt, d in arrays(type_str)) or type_str
 
 
 def compile_run(

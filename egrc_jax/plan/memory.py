@@ -15,8 +15,11 @@ S cache length (prompt + new tokens), p prefill rows per device, P prompt length
 t_f, t_v: tensor shards of heads, kv heads, MLP width, vocab (1 when the tensor axis does not
 divide that dimension, the `logical_to_spec` fallback); a: compute-dtype bytes.
 
-Phases: the rollout (KV cache live) and the learner step (activations and gradients live)
-never overlap, so the peak is `state + max(rollout, train)`.
+Programs: each term belongs to a phase, and each program of a step (prefill, reshard,
+decode, train, reference) holds `state + its phases` (`settings.PROGRAM_PHASES`); programs
+never overlap, so the peak is the largest. `python -m egrc_jax.plan ... --compile --compare`
+checks every program against libtpu's compiler (docs/memory_plan.md).
+C = S - P new tokens; C_v = min(vocab_chunk, V/t_v) columns of the loss's vocab loop.
 """
 
 from __future__ import annotations

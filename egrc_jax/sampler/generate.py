@@ -225,6 +225,8 @@ def generate_state(
   independent of where it sits in the batch."""
   if num_samples < 1:
     raise ValueError(f"num_samples={num_samples} must be >= 1 (G samples per prompt)")
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout={layout!r}: use one of {LAYOUTS}")
   model_cfg = nnx.merge(graphdef, state).cfg
   tokens_PT, mask_PT, lengths_P = prepare_prompts(prompts, cfg, model_cfg.vocab_size)
   check_config(cfg, model_cfg.vocab_size, model_cfg.max_position_embeddings, int(lengths_P.max()))
