@@ -40,6 +40,9 @@ EXTRAS = {
         "ruff==0.17.6",
     ],
     "tpu": ["jax[tpu]==0.10.2"],
+    # libtpu's compiler on a CPU host: `python -m egrc_jax.plan --compile` compiles a run's
+    # programs for a named TPU slice without a TPU (tests/test_aot.py).
+    "aot": ["jax[tpu]==0.10.2"],
 }
 
 setup(

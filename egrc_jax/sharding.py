@@ -1,8 +1,15 @@
-"""The device mesh and sharded model creation.
+"""The device mesh, sharded model creation, and the two parameter layouts.
 
 One mesh with axes ("data", "fsdp", "tensor"): batch rows are split over data x fsdp,
 parameters over fsdp (their "embed" dimension) and tensor (heads, MLP width, vocab). The
 logical-axis rules table lives in `egrc_jax.model.logical.RULES`.
+
+Two layouts of the same parameters:
+  * training (`state_shardings`, RULES): "embed" over fsdp -- the state is split 1/fsdp;
+  * sampling (`sampling_shardings`, SAMPLING_RULES): no fsdp, only tensor splits. Decode
+    reads every weight once per token; in the training layout each of the C decode steps
+    all-gathers the whole model again. `to_sampling_layout` copies the params once per
+    rollout (cast to the compute dtype) into this layout instead.
 
 Sharded initialisation goes through `nnx.eval_shape`, so a 7B model's parameters are only
 ever created already split across the devices (each device materialises its own shard).
@@ -10,10 +17,12 @@ ever created already split across the devices (each device materialises its own 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -23,6 +32,8 @@ from egrc_jax.model import ModelConfig, Transformer
 from egrc_jax.model.logical import RULES, logical_to_spec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# The sampling layout's rules: RULES with "embed" replicated (no FSDP for the decode weights).
+SAMPLING_RULES = tuple((name, None if name == "embed" else axis) for name, axis in RULES)
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
@@ -58,6 +69,53 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=RULES) -> nnx.State:
     state,
     is_leaf=lambda x: isinstance(x, nnx.Variable),
   )
+
+
+def sampling_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+  """NamedSharding of every Variable in the sampling layout: replicated over data and fsdp,
+  heads / kv heads / MLP width / vocab over tensor where the tensor axis divides them."""
+  return state_shardings(state, mesh, SAMPLING_RULES)
+
+
+def keeps_param_dtype(path) -> bool:
+  """True for the leaves the model uses in their own dtype: RMSNorm scales multiply the
+  normalised activations in param dtype (`RMSNorm.__call__`); every other weight is cast
+  to the compute dtype before use, so casting it beforehand changes no result."""
+  return any(getattr(k, "key", getattr(k, "name", None)) == "scale" for k in path)
+
+
+def sampling_dtype(path, dtype, compute_dtype) -> jnp.dtype:
+  """The dtype a parameter leaf has in the sampling layout."""
+  dtype, compute = jnp.dtype(dtype), jnp.dtype(compute_dtype)
+  if keeps_param_dtype(path) or not jnp.issubdtype(dtype, jnp.floating):
+    return dtype
+  return compute if compute.itemsize < dtype.itemsize else dtype  # narrow, never widen
+
+
+def _cast_for_sampling(state, compute_dtype):
+  return jax.tree_util.tree_map_with_path(
+    lambda p, x: x.astype(sampling_dtype(p, x.dtype, compute_dtype)), state
+  )
+
+
+_LAYOUT_FNS: dict = {}
+
+
+def sampling_layout_fn(shardings: nnx.State, compute_dtype) -> Callable[[nnx.State], nnx.State]:
+  """The jitted copy `state -> state in the sampling layout` (cast + reshard in one
+  program), cached per layout so each rollout reuses one compiled copy."""
+  leaves, treedef = jax.tree.flatten(shardings)
+  key = (treedef, tuple(leaves), jnp.dtype(compute_dtype).name)
+  if key not in _LAYOUT_FNS:
+    cast = functools.partial(_cast_for_sampling, compute_dtype=jnp.dtype(compute_dtype))
+    _LAYOUT_FNS[key] = jax.jit(cast, out_shardings=shardings)
+  return _LAYOUT_FNS[key]
+
+
+def to_sampling_layout(state: nnx.State, mesh: Mesh, compute_dtype) -> nnx.State:
+  """A copy of `state` in the sampling layout, floating weights in `compute_dtype` (norm
+  scales keep theirs). Costs one gather of the model; the decode loop then gathers none."""
+  return sampling_layout_fn(sampling_shardings(state, mesh), compute_dtype)(state)
 
 
 def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules=RULES) -> nnx.Module:

@@ -158,6 +158,9 @@ COMMANDS = [
   ("egrc_jax.bench.grading", ["--data=/nope"], "not found"),
   ("egrc_jax.bench.sampler", ["--bogus"], "unrecognized arguments"),
   ("egrc_jax.launch_local", ["--num_processes=0", "--", "true"], "num_processes"),
+  # The mesh the user's config gives, not one the planner made up (mesh.fsdp=-1 over 15).
+  ("egrc_jax.plan.cli", ["--config=configs/r1_distill_7b.py", "--chip=v4", "--num_chips=15"],
+   "(mesh.data=1, mesh.fsdp=-1, mesh.tensor=4) does not fit 15 chips"),
 ]  # fmt: skip
 
 

@@ -169,9 +169,54 @@ def test_cli_errors(argv, message, capsys):
 
 @pytest.mark.parametrize("name", ["r1_distill_1p5b", "r1_distill_7b"])
 def test_cli_reads_a_run_config(name, capsys):
-  # The shipped real-model configs must fit the slice the launch README recommends.
+  # The config's mesh (fsdp -1 over 16 chips; 7B tensor 4), rows, lengths, float32 params,
+  # memory-efficient attention and the continuous decode loop (64 slots, paged KV on TPU)
+  # reach the plan, and both shipped configs fit a v4-32 (docs/memory_plan.md has the
+  # compiler's figures for the same programs).
   root = pathlib.Path(__file__).resolve().parents[1]
-  assert main([f"--config={root}/configs/{name}.py", "--chip=v4", "--num_chips=16"]) == 0
+  assert main([f"--config={root}/configs/{name}.py", "--topology=v4-32"]) == 0
   out = capsys.readouterr().out
-  assert "FITS" in out and "DOES NOT FIT" not in out
   assert (name == "r1_distill_7b") == ("tensor:4" in out)
+  assert "params/device" in out and "x 4 B" in out  # float32 params, their own master
+  assert "KV: 64 completion slots" in out and "(paged)" in out
+  assert "activations (remat=full, flash)" in out
+  assert "DOES NOT FIT" not in out and "FITS" in out
+  programs = {line.split("|")[1].strip(): float(line.split("|")[3]) for line in out.splitlines()
+              if "= state +" in line}  # fmt: skip
+  assert set(programs) == {"prefill", "reshard", "decode", "train"}
+  assert programs["decode"] < programs["reshard"]  # the slots' KV is under one gather buffer
+
+
+def test_sampling_copy_term_hand_count():
+  # 1.5B in the sampling layout on fsdp 16: every weight whole on each chip, in bf16; the
+  # norm scales (2 per layer + the final one) in the float32 param dtype.
+  D, L = 1536, 28
+  norms = (2 * L + 1) * D
+  others = P15.num_params() - norms
+  plan = _plan(param_dtype="float32", master_dtype=None)
+  terms = {t.name: t.bytes for t in plan.terms}
+  assert terms["sampling params (no fsdp)"] == others * 2 + norms * 4
+  # decode = state + KV + sampling copy + one step's working set
+  progs = plan.program_bytes()
+  state = plan.phase_bytes("state")
+  assert (
+    progs["decode"]
+    == state
+    + terms["KV cache (rollout rows)"]
+    + terms["sampling params (no fsdp)"]
+    + terms["decode step working set"]
+  )
+  without = _plan(param_dtype="float32", master_dtype=None, sampling_layout=False)
+  assert "sampling params (no fsdp)" not in {t.name for t in without.terms}
+  assert progs["decode"] - without.program_bytes()["decode"] == others * 2 + norms * 4
+
+
+def test_prefill_and_decode_working_sets_hand_count():
+  # 1024 rows = 128 prompts x 8, 64 rows / 8 prompts per chip of fsdp 16, P 1024, S 9216.
+  V, D, F, L, N, K, H, P, S, p, r = 151936, 1536, 8960, 28, 12, 2, 128, 1024, 9216, 8, 64
+  plan = _plan(rollout_rows=1024, prefill_rows=128, prompt_len=P)
+  terms = {t.name: t.bytes for t in plan.terms}
+  kv_p = 2 * L * p * S * K * H * 2 + p * S
+  linear = p * P * (2 * (4 * D + 2 * N * H + 2 * K * H + 3 * F) + 8 * D)
+  assert terms["prefill working set"] == kv_p + p * N * P * S * (8 + 2) + linear
+  assert terms["decode step working set"] == 3 * r * V * 4 + r * N * S * 6 + 17 * r * (S - P)

@@ -266,6 +266,27 @@ def test_group_rows_differ_and_seed_reproducible(pairs):
   np.testing.assert_allclose(a.logprobs_BC, d.logprobs_BC, atol=1e-5)
 
 
+def test_sampling_layout_gives_the_training_layout_rollout():
+  # float32 params with bfloat16 compute, as the real configs run; fsdp=8 splits every
+  # weight 8 ways. The sampling layout's one-off bf16 copy without fsdp must draw the same
+  # tokens as decoding straight from the FSDP arrays (which gathers them every step).
+  tm = _torch_model("qwen2")
+  tensors = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+  cfg = config_from_hf(tm.config.to_dict(), param_dtype="float32", dtype="bfloat16")
+  mesh = make_mesh(1, 8, 1)
+  graphdef, state = nnx.split(model_from_state_dict(cfg, tensors, mesh))
+  run = lambda layout: generate_state(
+    graphdef, state, PROMPTS[:2], SAMPLED, 4, 5, mesh, layout=layout
+  )
+  new, old = run("sampling"), run("training")
+  np.testing.assert_array_equal(new.completion_tokens_BC, old.completion_tokens_BC)
+  # bf16 matmuls summed in another order (one device vs partial sums over fsdp): ~1e-2.
+  np.testing.assert_allclose(new.logprobs_BC, old.logprobs_BC, atol=3e-2)
+  assert len(new.completion_tokens_BC.sharding.device_set) == 8
+  with pytest.raises(ValueError, match="layout='fsdp'"):
+    run("fsdp")
+
+
 def test_samples_independent_of_batch_composition(pairs):
   _, model = pairs["qwen2"]
   a, b, c = PROMPTS

@@ -10,7 +10,15 @@ from jax.sharding import PartitionSpec as P
 from egrc_jax.hf import model_from_state_dict
 from egrc_jax.hf.layout import layout
 from egrc_jax.model import KVCache, ModelConfig, positions_from_mask
-from egrc_jax.sharding import batch_sharding, init_model, make_mesh
+from egrc_jax.sharding import (
+  batch_sharding,
+  init_model,
+  make_mesh,
+  sampling_dtype,
+  sampling_layout_fn,
+  sampling_shardings,
+  to_sampling_layout,
+)
 
 # 4 query heads split over tensor=4; 2 kv heads do not divide 4 and stay replicated.
 CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_heads=4)
@@ -109,3 +117,40 @@ def test_make_mesh_shapes_and_errors():
     make_mesh(1, 3, 2)
   with pytest.raises(ValueError, match="at most one axis may be -1"):
     make_mesh(-1, -1, 2)
+
+
+def test_sampling_layout_drops_fsdp_and_casts_to_compute_dtype(mesh):
+  cfg = CFG.replace(dtype="bfloat16")  # float32 params, bfloat16 compute (the real configs)
+  model = init_model(cfg, mesh, seed=0)
+  state = nnx.state(model)
+  copy = nnx.merge(nnx.graphdef(model), to_sampling_layout(state, mesh, cfg.jnp_dtype))
+  attn, mlp = copy.layers[0].attn, copy.layers[0].mlp
+  # The training layout's "embed" (fsdp) splits are gone; tensor splits stay where they divide.
+  assert _spec(attn.q_DNH) == P(None, "tensor", None)
+  assert _spec(attn.k_DKH) == P(None, None, None)  # 2 kv heads on tensor=4: replicated
+  assert _spec(attn.o_NHD) == P("tensor", None, None)
+  assert _spec(mlp.down_FD) == P("tensor", None)
+  assert _spec(copy.embed_VD) == P("tensor", None)
+  assert _spec(copy.lm_head_DV) == P(None, "tensor")
+  # The model casts every weight to bfloat16 before use except the RMSNorm scales (they
+  # multiply in param dtype), so the copy holds exactly those values: same results.
+  assert attn.q_DNH.get_value().dtype == jnp.bfloat16
+  assert copy.layers[0].attn_norm.scale.get_value().dtype == jnp.float32
+  assert copy.final_norm.scale.get_value().dtype == jnp.float32
+  np.testing.assert_array_equal(
+    np.asarray(attn.q_DNH.get_value()),
+    np.asarray(model.layers[0].attn.q_DNH.get_value().astype(jnp.bfloat16)),
+  )
+  # One compiled copy per layout: a second rollout reuses it.
+  assert sampling_layout_fn(sampling_shardings(state, mesh), jnp.bfloat16) is sampling_layout_fn(
+    sampling_shardings(state, mesh), jnp.bfloat16
+  )
+
+
+def test_sampling_dtype_never_widens():
+  scale = (jax.tree_util.DictKey("final_norm"), jax.tree_util.DictKey("scale"))
+  weight = (jax.tree_util.DictKey("embed_VD"),)
+  assert sampling_dtype(weight, jnp.float32, jnp.bfloat16) == jnp.bfloat16
+  assert sampling_dtype(weight, jnp.bfloat16, jnp.float32) == jnp.bfloat16  # never widened
+  assert sampling_dtype(scale, jnp.float32, jnp.bfloat16) == jnp.float32
+  assert sampling_dtype(weight, jnp.int32, jnp.bfloat16) == jnp.int32

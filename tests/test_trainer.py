@@ -502,3 +502,42 @@ def _with(c, key: str, value):
     node = node[p]
   node[name] = value
   return c
+
+
+class _LengthGrader:
+  """A grader whose verdict is a function of the row alone: correct when the completion's
+  length is even (so batching can only change it by changing the row)."""
+
+  def grade_rollout(self, rollout, golds):
+    assert len(golds) == rollout.lengths_B.shape[0]
+    return np.asarray(rollout.lengths_B) % 2 == 0
+
+
+def test_evaluation_in_padded_batches_equals_one_call():
+  # 7 prompts in batches of 3 (the last padded with 2 repeats, their rows dropped) give the
+  # same greedy rows, so the same metrics, as one call over all 7.
+  from flax import nnx
+
+  from egrc_jax.model import get_preset
+  from egrc_jax.sampler import SamplingConfig
+  from egrc_jax.sharding import init_model
+  from egrc_jax.trainer.plan import EvalPlan
+  from egrc_jax.trainer.step import evaluate_policy
+
+  graphdef, params = nnx.split(init_model(get_preset("tiny"), seed=0))
+  rng = np.random.default_rng(0)
+  examples = [
+    {"prompt_ids": rng.integers(1, 200, size=int(n)).tolist(), "gold": "x"}
+    for n in rng.integers(3, 12, size=7)
+  ]
+  sampling = SamplingConfig(
+    greedy=True, max_new_tokens=12, stop_token_ids=(3,), pad_id=0, prompt_buckets=(16,),
+    loop="lockstep",
+  )  # fmt: skip
+  one = EvalPlan(0, 7, 2, sampling)
+  batched = EvalPlan(0, 7, 2, sampling, batch_prompts=3)
+  assert batched.batches(7) == [(0, 3), (3, 6), (6, 7)]
+  a = evaluate_policy(one, examples, graphdef, params, _LengthGrader(), seed=0)
+  b = evaluate_policy(batched, examples, graphdef, params, _LengthGrader(), seed=0)
+  assert a == b
+  assert 0 < a["length"] <= 12

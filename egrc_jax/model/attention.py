@@ -95,10 +95,19 @@ def dense(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, causal: bool = True):
 # -- splash (Pallas, TPU) -------------------------------------------------------------------
 
 
+def _default_block(T: int) -> int:
+  for b in range(min(SPLASH_BLOCK, T) // SPLASH_LANES * SPLASH_LANES, 0, -SPLASH_LANES):
+    if T % b == 0:
+      return b
+  return min(SPLASH_BLOCK, T)  # T under 128 or not a multiple of it: rejected below
+
+
 def splash_blocks(T: int, block_q: int | None, block_kv: int | None) -> tuple[int, int]:
-  """Validated (block_q, block_kv) for splash at sequence length T; None = min(512, T)."""
-  bq = min(SPLASH_BLOCK, T) if block_q is None else block_q
-  bk = min(SPLASH_BLOCK, T) if block_kv is None else block_kv
+  """Validated (block_q, block_kv) for splash at sequence length T; None = the largest
+  multiple of 128 up to 512 that divides T (T = 1024 + 8192 prompt and budget: 512; a
+  256-token prompt bucket + 8192: 256)."""
+  bq = _default_block(T) if block_q is None else block_q
+  bk = _default_block(T) if block_kv is None else block_kv
   for name, b in (("block_q", bq), ("block_kv", bk)):
     if b < 1 or b % SPLASH_LANES or T % b:
       raise ValueError(

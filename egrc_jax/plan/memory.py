@@ -15,12 +15,16 @@ S cache length (prompt + new tokens), p prefill rows per device, P prompt length
 t_f, t_v: tensor shards of heads, kv heads, MLP width, vocab (1 when the tensor axis does not
 divide that dimension, the `logical_to_spec` fallback); a: compute-dtype bytes.
 
-Phases: the rollout (KV cache live) and the learner step (activations and gradients live)
-never overlap, so the peak is `state + max(rollout, train)`.
+Programs: each term belongs to a phase, and each program of a step (prefill, reshard,
+decode, train, reference) holds `state + its phases` (`settings.PROGRAM_PHASES`); programs
+never overlap, so the peak is the largest. `python -m egrc_jax.plan ... --compile --compare`
+checks every program against libtpu's compiler (docs/memory_plan.md).
+C = S - P new tokens; C_v = min(vocab_chunk, V/t_v) columns of the loss's vocab loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -36,7 +40,13 @@ from egrc_jax.plan.settings import (
   Term,
   nbytes,
 )
-from egrc_jax.sharding import MESH_AXES, abstract_model, state_shardings
+from egrc_jax.sharding import (
+  MESH_AXES,
+  abstract_model,
+  keeps_param_dtype,
+  sampling_shardings,
+  state_shardings,
+)
 
 
 def abstract_mesh(mesh_shape: dict[str, int]) -> AbstractMesh:
@@ -75,8 +85,31 @@ def kv_cache_bytes(cfg: ModelConfig, s: PlanSettings, rows: int) -> int:
   return kv + r * s.cache_len  # valid_BS
 
 
-def layer_bytes(cfg: ModelConfig, s: PlanSettings, b: int, T: int, S: int) -> tuple[int, str]:
-  """What one block keeps for its backward (or holds at once in a forward), per device."""
+@functools.lru_cache(maxsize=32)
+def _sampling_elements(cfg: ModelConfig, sizes: tuple[int, ...]) -> tuple[int, int]:
+  """(norm-scale elements, other elements) per device in the sampling layout."""
+  _, state = abstract_model(cfg)
+  mesh = abstract_mesh(dict(zip(MESH_AXES, sizes, strict=True)))
+  shardings = sampling_shardings(state, mesh)
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_var)[0]
+  norm = other = 0
+  for (path, var), sh in zip(flat, jax.tree.leaves(shardings, is_leaf=is_var), strict=True):
+    n = math.prod(sh.get_value().shard_shape(var.shape))
+    norm, other = (norm + n, other) if keeps_param_dtype(path) else (norm, other + n)
+  return norm, other
+
+
+def sampling_param_bytes(cfg: ModelConfig, s: PlanSettings) -> int:
+  """Bytes per device of the sampling copy: norm scales in param dtype, every other weight
+  in the narrower of the param and compute dtypes (`sharding.sampling_dtype`)."""
+  norm, other = _sampling_elements(cfg, tuple(int(v) for _, v in s.mesh_shape))
+  pb = nbytes(s.param_dtype)
+  return norm * pb + other * min(pb, nbytes(s.compute_dtype))
+
+
+def linear_bytes(cfg: ModelConfig, s: PlanSettings, b: int, T: int) -> tuple[int, str]:
+  """One block's activations besides the attention scores, per device."""
   a, t = nbytes(s.compute_dtype), s.tensor
   D, F, N, K, H = (
     cfg.hidden_size,
@@ -87,7 +120,14 @@ def layer_bytes(cfg: ModelConfig, s: PlanSettings, b: int, T: int, S: int) -> tu
   )
   Nt, Kt, Ft = N // _split(N, t), K // _split(K, t), F // _split(F, t)
   linear = b * T * (a * (4 * D + 2 * Nt * H + 2 * Kt * H + 3 * Ft) + 4 * 2 * D)
-  formula = "b T [a (4D + 2N/t_h H + 2K/t_k H + 3F/t_f) + 8D]"
+  return linear, "b T [a (4D + 2N/t_h H + 2K/t_k H + 3F/t_f) + 8D]"
+
+
+def layer_bytes(cfg: ModelConfig, s: PlanSettings, b: int, T: int, S: int) -> tuple[int, str]:
+  """What one learner block keeps for its backward (or holds at once in a forward)."""
+  a = nbytes(s.compute_dtype)
+  Nt = cfg.num_heads // _split(cfg.num_heads, s.tensor)
+  linear, formula = linear_bytes(cfg, s, b, T)
   if s.attention == "dense":
     scores = b * Nt * T * S * (4 + a)
     formula += " + b N/t_h T S (4 + a)"
@@ -102,8 +142,9 @@ def activation_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
 
   none: (L + 1) x layer   -- every block's saved tensors, plus one block's cotangents.
   full: L b T D a + 2 x layer -- block inputs only; one block recomputed plus its cotangents.
-  head: b T D (a + 4) + 3 x min(logits_chunk, b T) x V/t_v x 4 -- final hidden, and one
-        chunk's f32 logits, probabilities and cotangent (the loss is chunked and remat'd).
+  head: b T D (a + 4) + 3 b T C_v 4 + D/f V/t_v 4 -- final hidden and its cotangent; one vocab
+        chunk's f32 logits, probabilities and cotangent for every position (the loss loops
+        over C_v = min(vocab_chunk, V/t_v) columns at a time); the f32 lm-head gradient.
   """
   b, T, L = s.micro_batch_rows // (s.data * s.fsdp), s.seq_len, cfg.num_layers
   a = nbytes(s.compute_dtype)
@@ -114,46 +155,144 @@ def activation_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
     blocks = L * b * T * cfg.hidden_size * a + 2 * layer
     bf = f"L b T D a + 2 x layer; layer = {lf}"
   V = cfg.vocab_size // _split(cfg.vocab_size, s.tensor)
-  chunk = min(s.logits_chunk, b * T)
-  head = b * T * cfg.hidden_size * (a + 4) + 3 * chunk * V * 4
+  chunk = min(s.vocab_chunk, V)
+  head = b * T * cfg.hidden_size * (a + 4) + 3 * b * T * chunk * 4
+  head += cfg.hidden_size // _split(cfg.hidden_size, s.fsdp) * V * 4
   return [
     Term(f"activations (remat={s.remat}, {s.attention})", "train", blocks, bf),
     Term(
       "final hidden + logits/entropy chunk",
       "train",
       head,
-      f"b T D (a + 4) + 3 min({s.logits_chunk}, b T) V/t_v 4",
+      f"b T D (a + 4) + 3 b T min({s.vocab_chunk}, V/t_v) 4 + D/f V/t_v 4",
     ),
   ]
 
 
-def rollout_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
-  """KV cache of the rollout rows, plus the larger of the prefill and decode working sets.
+def reference_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
+  """The reference pass (KL on): a forward, no backward, in the learner's micro-batches (b
+  rows per device of length T): the residual stream and its normed copy (2 b T D a), then
+  the larger of one MLP's gate and up projections (2 b T F/t_f a) and one vocab chunk's
+  f32 logits (b T C_v 4), which are never live together; attention adds its scores when
+  dense (b N/t_h T T (8 + a)) and only row statistics otherwise."""
+  b, T, a = s.micro_batch_rows // (s.data * s.fsdp), s.seq_len, nbytes(s.compute_dtype)
+  Nt = cfg.num_heads // _split(cfg.num_heads, s.tensor)
+  Ft = cfg.intermediate_size // _split(cfg.intermediate_size, s.tensor)
+  V = cfg.vocab_size // _split(cfg.vocab_size, s.tensor)
+  scores = b * Nt * T * T * (8 + a) if s.attention == "dense" else b * Nt * T * 8
+  peak = max(2 * b * T * Ft * a, b * T * min(s.vocab_chunk, V) * 4)
+  work = 2 * b * T * cfg.hidden_size * a + peak + scores
+  att = "b N/t_h T T (8 + a)" if s.attention == "dense" else "8 b N/t_h T"
+  formula = f"2 b T D a + max(2 b T F/t_f a, b T C_v 4) + {att}"
+  return [Term("reference forward (one micro-batch)", "reference", work, formula)]
 
-  prefill: KV(p rows) + one block's forward at (p, P) + p P D a -- before the G-fold repeat;
-           the repeat briefly holds KV(p) and KV(r) together, counted via max(., KV(p)).
-  decode:  3 r V/t_v 4 + r N/t_h S (4 + a) -- one step's f32 logits/probs/entropy and one
-           layer's attention scores against the cache.
+
+def rollout_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
+  """What the rollout programs hold besides the learner's state (r rows per device).
+
+  rollout: the KV cache of the r rows (the prefill's output, the decode's carry).
+  sampling (reshard and decode, when `sampling_layout`): the copy of the params the decode
+           reads, every weight without fsdp in the compute dtype, made after the prefill.
+  prefill: KV(p) + p N/t_h P S (8 + a) + linear(p, P) -- the prompt rows' own cache (the
+           G-fold repeat into KV(r) is its output), and f32 scores of P queries against all
+           S cache slots twice (XLA may overlap two blocks' softmax) plus bf16 probabilities.
+           An upper bound: on the FSDP params XLA may keep one block's scores and write the
+           prompt cache straight into its repeat (1.5B on a v4-32: 35% less).
+  decode:  3 r V/t_v 4 + r N/t_h S (4 + a) + 17 r C -- one step's f32 logits, probabilities
+           and entropy terms, one layer's scores against the cache, and the [r, C] outputs
+           (int32 tokens, bool mask, three f32 statistics).
+  reshard: at most one more sampling copy -- each weight arrives from its all-gather in a
+           receive buffer and is laid out into the copy; XLA reuses some of those buffers
+           across weights (the compiler: 62% of a copy for 1.5B on fsdp 16, 100% for 7B on
+           fsdp 4 x tensor 4), so this is an upper bound.
   """
   rows = s.data * s.fsdp
   r, a = s.rollout_rows // rows, nbytes(s.compute_dtype)
   V = cfg.vocab_size // _split(cfg.vocab_size, s.tensor)
   Nt = cfg.num_heads // _split(cfg.num_heads, s.tensor)
+  if s.loop == "continuous":
+    return _continuous_terms(cfg, s)
   kv = kv_cache_bytes(cfg, s, s.rollout_rows)
-  decode = 3 * r * V * 4 + r * Nt * s.cache_len * (4 + a)
   terms = [Term("KV cache (rollout rows)", "rollout", kv, "2 L r S K/t_k H a_kv + r S")]
-  p_rows = s.prefill_rows or s.rollout_rows
-  kv_p = kv_cache_bytes(cfg, s, p_rows)
-  work = max(decode, kv_p if p_rows != s.rollout_rows else 0)
-  wf = "max(3 r V/t_v 4 + r N/t_h S (4 + a), KV(p)"
+  if s.sampling_layout:
+    copy = sampling_param_bytes(cfg, s)
+    terms.append(
+      Term("sampling params (no fsdp)", "sampling", copy, "params/t in min(param, compute) B")
+    )
+    terms.append(Term("reshard gather buffers", "reshard", copy, "<= the sampling params"))
+  C = s.cache_len - s.prompt_len
+  decode = 3 * r * V * 4 + r * Nt * s.cache_len * (4 + a) + 17 * r * C
+  terms.append(
+    Term("decode step working set", "decode", decode, "3 r V/t_v 4 + r N/t_h S (4 + a) + 17 r C")
+  )
   if s.prompt_len:
-    p = p_rows // rows
-    layer, _ = layer_bytes(cfg, s, p, s.prompt_len, s.prompt_len)
-    # Prefill runs before the r-row cache exists: count its peak as an excess over KV(r).
-    work = max(work, kv_p + layer + p * s.prompt_len * cfg.hidden_size * a - kv)
-    wf += ", KV(p) + layer(p, P) + p P D a - KV(r)"
-  wf += ")"
-  terms.append(Term("rollout working set", "rollout", work, wf))
+    p = (s.prefill_rows or s.rollout_rows) // rows
+    kv_p = kv_cache_bytes(cfg, s, s.prefill_rows or s.rollout_rows)
+    linear, _ = linear_bytes(cfg, s, p, s.prompt_len)
+    prefill = kv_p + p * Nt * s.prompt_len * s.cache_len * (8 + a) + linear
+    terms.append(
+      Term("prefill working set", "prefill", prefill, "KV(p) + p N/t_h P S (8 + a) + linear(p, P)")
+    )
+  return terms
+
+
+def _sampling_copy_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
+  if not s.sampling_layout:
+    return []
+  copy = sampling_param_bytes(cfg, s)
+  return [
+    Term("sampling params (no fsdp)", "sampling", copy, "params/t in min(param, compute) B"),
+    Term("reshard gather buffers", "reshard", copy, "<= the sampling params"),
+  ]
+
+
+def _continuous_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
+  """rollout.loop = continuous: B = num_slots rows decode at once and are refilled; the KV
+  is one prompt cache per group (P prompts x P_len) plus B completion slots in `kv_layout`
+  (`sampler.layouts.kv_layout_bytes`). The prompts and slots split over the D = data x fsdp
+  batch shards when D divides both, else the prompt cache is replicated on every device.
+
+  prefill: KV of the p = P/D prompts + p N/t_h P_len^2 (8 + a) + linear(p, P_len) (the
+           prompts attend to themselves only; the completion slots are made empty after).
+  decode:  b = B/D rows: 3 b V/t_v 4 + b N/t_h S (4 + a) + per-pair outputs 17 (P G / D) C.
+  """
+  from egrc_jax.sampler.config import SamplingConfig  # noqa: PLC0415
+  from egrc_jax.sampler.layouts import kv_layout_bytes  # noqa: PLC0415
+
+  D, a = s.data * s.fsdp, nbytes(s.compute_dtype)
+  V = cfg.vocab_size // _split(cfg.vocab_size, s.tensor)
+  Nt = cfg.num_heads // _split(cfg.num_heads, s.tensor)
+  Kt = cfg.num_kv_heads // _split(cfg.num_kv_heads, s.tensor)
+  prompts = s.prefill_rows or s.rollout_rows
+  slots = min(s.num_slots, s.rollout_rows)
+  split = prompts % D == 0 and slots % D == 0
+  C, Pl = s.cache_len - s.prompt_len, s.prompt_len
+  scfg = SamplingConfig(max_new_tokens=C, page_size=s.page_size)
+  kv_cfg = dataclasses.replace(cfg, dtype=s.kv_dtype, num_kv_heads=Kt)
+  kv = kv_layout_bytes(kv_cfg, scfg, prompts, Pl, slots, s.kv_layout)
+  prompt_kv = kv["prompt"] // D if split else kv["prompt"]
+  slot_kv = kv["completion"] // D if slots % D == 0 else kv["completion"]
+  terms = [
+    Term("KV: prompt caches (one per group)", "rollout", prompt_kv,
+         f"2 L P{'/D' if split else ''} P_len K/t_k H a_kv ({s.kv_layout})"),
+    Term(f"KV: {slots} completion slots", "decode", slot_kv,
+         f"2 L B/D slot_len K/t_k H a_kv ({s.kv_layout})"),
+  ]  # fmt: skip
+  terms += _sampling_copy_terms(cfg, s)
+  b = max(slots // D, 1)
+  pairs = s.rollout_rows // D
+  decode = 3 * b * V * 4 + b * Nt * s.cache_len * (4 + a) + 17 * pairs * C
+  terms.append(
+    Term("decode step working set", "decode", decode,
+         "3 b V/t_v 4 + b N/t_h S (4 + a) + 17 (P G/D) C")
+  )  # fmt: skip
+  if Pl:
+    p = prompts // D if split else prompts
+    linear, _ = linear_bytes(cfg, s, p, Pl)
+    prefill = p * Nt * Pl * Pl * (8 + a) + linear
+    terms.append(
+      Term("prefill working set", "prefill", prefill, "p N/t_h P_len^2 (8 + a) + linear(p, P_len)")
+    )
   return terms
 
 
@@ -214,6 +353,8 @@ def plan_memory(
   if s.reference:
     terms.append(Term("reference params (KL on)", "state", n * pb, f"{n:,} x {pb} B"))
   terms += rollout_terms(model_cfg, s)
+  if s.reference:
+    terms += reference_terms(model_cfg, s)
   gb = nbytes(s.grad_dtype)
   terms.append(
     Term("gradients (accumulator + micro)", "train", n * (gb + pb), f"{n:,} x ({gb} + {pb}) B")
@@ -227,7 +368,15 @@ def plan_memory(
     f" in {s.opt_state_dtype}, sharded like the params",
     f"gradients: one {s.grad_dtype} accumulator over micro-batches plus one micro-batch's"
     " grads in param dtype; the update is donated in place (no second copy of the state)",
-    "rollout and learner phases never overlap (KV cache freed before the train step)",
+    "programs never overlap: each needs state + its own terms (prefill: KV cache + its"
+    " working set; reshard: KV cache + sampling copy + gather buffers; decode: KV cache +"
+    " sampling copy + one step; train; reference), and the peak is the largest",
+    "rollout params: "
+    + (
+      "a copy without fsdp in the compute dtype, made once per rollout (sharding.py)"
+      if s.sampling_layout
+      else "the learner's FSDP arrays (each decode step gathers them)"
+    ),
     f"activation formulas are estimates (XLA fusion changes them by tens of percent);"
     f" attention={s.attention}: dense holds f32 scores + probs [N/t_h, T, S] per block",
     f"reserve {s.reserve:.0%} of HBM for XLA scratch, collectives buffers and fragmentation",

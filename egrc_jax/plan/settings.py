@@ -22,6 +22,8 @@ OPTIMIZER_MOMENTS = {"adamw": 2, "sgd": 0}  # moment buffers per parameter
 REMAT_MODES = ("full", "none")
 ATTENTION_MODES = ("dense", "flash")
 DTYPES = tuple(ITEMSIZE)
+LOOPS = ("lockstep", "continuous")
+KV_LAYOUTS = ("dense", "split", "paged")
 
 
 def nbytes(dtype: str) -> int:
@@ -50,8 +52,15 @@ class PlanSettings:
   attention: str = "dense"  # dense: [T, S] scores materialised (today's model); flash: not
   prefill_rows: int = 0  # rows prefilled before the G-fold repeat; 0 means rollout_rows
   prompt_len: int = 0  # P; 0 means no prefill term
-  logits_chunk: int = 2048  # (row, token) positions whose full-vocab f32 logits live at once
+  vocab_chunk: int = 8192  # loss.vocab_chunk: vocab columns whose f32 logits live at once
+  sampling_layout: bool = True  # the rollout reads a bf16 copy of the params without FSDP
   reserve: float = 0.10  # HBM fraction held back for XLA scratch, fragmentation, runtime
+  # rollout.loop: lockstep decodes rollout_rows rows at once; continuous decodes num_slots
+  # rows and refills them (KV of kv_layout: `sampler.layouts.kv_layout_bytes`)
+  loop: str = "lockstep"
+  num_slots: int = 0
+  kv_layout: str = "dense"  # dense | split | paged (auto resolved: paged on TPU)
+  page_size: int = 16
 
   def __post_init__(self):
     names = tuple(n for n, _ in self.mesh_shape)
@@ -77,16 +86,27 @@ class PlanSettings:
     rows = self.data * self.fsdp
     for name in ("rollout_rows", "micro_batch_rows", "prefill_rows"):
       n = getattr(self, name)
-      if n < 0 or (name != "prefill_rows" and n == 0) or n % rows:
+      # the continuous loop splits its slots, not the rollout's rows (it replicates prompts
+      # that do not split)
+      loose = self.loop == "continuous" and name != "micro_batch_rows"
+      if n < 0 or (name != "prefill_rows" and n == 0) or (n % rows and not loose):
         raise ValueError(
           f"{name}={n} must be a positive multiple of data x fsdp = {rows} (rows are split"
           " over data x fsdp; a count that does not divide would replicate the batch)"
         )
-    for name in ("cache_len", "seq_len", "logits_chunk"):
+    for name in ("cache_len", "seq_len", "vocab_chunk"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
     if not 0 <= self.prompt_len <= self.cache_len:
       raise ValueError(f"prompt_len={self.prompt_len} must be in [0, cache_len={self.cache_len}]")
+    if self.loop not in LOOPS:
+      raise ValueError(f"loop={self.loop!r}: use one of {LOOPS}")
+    if self.kv_layout not in KV_LAYOUTS:
+      raise ValueError(f"kv_layout={self.kv_layout!r}: use one of {KV_LAYOUTS}")
+    if self.loop == "continuous" and self.num_slots < 1:
+      raise ValueError(f"num_slots={self.num_slots}: the continuous loop needs >= 1 slot")
+    if self.page_size < 1:
+      raise ValueError(f"page_size={self.page_size} must be >= 1")
     if not 0 <= self.reserve < 1:
       raise ValueError(f"reserve={self.reserve} must be a fraction in [0, 1)")
 
@@ -96,10 +116,20 @@ class PlanSettings:
   num_chips = property(lambda self: math.prod(s for _, s in self.mesh_shape))
 
 
+# Which term phases each program of a step holds on top of the "state" terms.
+PROGRAM_PHASES: dict[str, tuple[str, ...]] = {
+  "prefill": ("rollout", "prefill"),
+  "reshard": ("rollout", "sampling", "reshard"),  # the sampling copy, beside the KV cache
+  "decode": ("rollout", "sampling", "decode"),
+  "train": ("train",),
+  "reference": ("reference",),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Term:
   name: str
-  phase: str  # state | rollout | train
+  phase: str  # state | sampling | rollout | prefill | decode | reshard | train | reference
   bytes: int  # per device
   formula: str
 
@@ -114,6 +144,20 @@ class MemoryPlan:
   def phase_bytes(self, phase: str) -> int:
     return sum(t.bytes for t in self.terms if t.phase == phase)
 
+  def program_bytes(self) -> dict[str, int]:
+    """Per-device bytes of each program the plan has terms for: state + its phases."""
+    state, out = self.phase_bytes("state"), {}
+    for name, phases in PROGRAM_PHASES.items():
+      if any(t.phase == phases[-1] for t in self.terms):
+        out[name] = state + sum(self.phase_bytes(p) for p in phases)
+    return out
+
+  @property
+  def rollout_bytes(self) -> int:
+    """The larger rollout program (prefill or decode), less the state."""
+    progs = self.program_bytes()
+    return max(progs.get(n, 0) for n in ("prefill", "decode")) - self.phase_bytes("state")
+
   @property
   def hbm_bytes(self) -> int:
     return int(CHIP_HBM_GIB[self.settings.chip] * GIB)
@@ -124,8 +168,7 @@ class MemoryPlan:
 
   @property
   def peak_bytes(self) -> int:
-    s = self.phase_bytes("state")
-    return s + max(self.phase_bytes("rollout"), self.phase_bytes("train"))
+    return max(self.program_bytes().values())
 
   @property
   def headroom_bytes(self) -> int:
@@ -144,8 +187,9 @@ class MemoryPlan:
       },
       "terms": [dataclasses.asdict(t) for t in self.terms],
       "state_bytes": self.phase_bytes("state"),
-      "rollout_bytes": self.phase_bytes("rollout"),
+      "rollout_bytes": self.rollout_bytes,
       "train_bytes": self.phase_bytes("train"),
+      "program_bytes": self.program_bytes(),
       "peak_bytes": self.peak_bytes,
       "hbm_bytes": self.hbm_bytes,
       "usable_bytes": self.usable_bytes,
@@ -158,15 +202,17 @@ class MemoryPlan:
     s = self.settings
     mesh = ",".join(f"{n}:{v}" for n, v in s.mesh_shape)
     out = [f"{self.model} on {s.num_chips} x {s.chip} ({CHIP_HBM_GIB[s.chip]:g} GiB), mesh {mesh}"]
-    out.append(f"| {'phase':7} | {'term':34} | {'GiB/device':>10} | formula |")
-    out.append(f"|{'-' * 9}|{'-' * 36}|{'-' * 12}|---------|")
+    out.append(f"| {'phase':9} | {'term':38} | {'GiB/device':>10} | formula |")
+    out.append(f"|{'-' * 11}|{'-' * 40}|{'-' * 12}|---------|")
     for t in self.terms:
-      out.append(f"| {t.phase:7} | {t.name:34} | {t.bytes / GIB:10.3f} | {t.formula} |")
-    for phase in ("state", "rollout", "train"):
-      out.append(f"| {phase:7} | {'= total':34} | {self.phase_bytes(phase) / GIB:10.3f} | |")
+      out.append(f"| {t.phase:9} | {t.name:38} | {t.bytes / GIB:10.3f} | {t.formula} |")
+    out.append(f"| {'state':9} | {'= total':38} | {self.phase_bytes('state') / GIB:10.3f} | |")
+    for name, total in self.program_bytes().items():
+      phases = " + ".join(PROGRAM_PHASES[name])
+      out.append(f"| {name:9} | {'= state + ' + phases:38} | {total / GIB:10.3f} | |")
     verdict = "FITS" if self.fits else "DOES NOT FIT"
     out.append(
-      f"peak = state + max(rollout, train) = {self.peak_bytes / GIB:.2f} GiB of "
+      f"peak = the largest program = {self.peak_bytes / GIB:.2f} GiB of "
       f"{self.usable_bytes / GIB:.2f} GiB usable ({s.reserve:.0%} of {self.hbm_bytes / GIB:g} GiB"
       f" reserved): {verdict}, headroom {self.headroom_bytes / GIB:+.2f} GiB"
     )

@@ -46,6 +46,7 @@ from egrc_jax.sampler.generate import (
   check_config,
   prefill,
   prepare_prompts,
+  sampling_params,
 )
 from egrc_jax.sampler.layouts import kv_layout_bytes, make_layout, prompt_shards, resolve_layout
 from egrc_jax.sampler.paged_kv import PagedSlotKV, _batch_shards
@@ -311,10 +312,12 @@ def continuous_rollout(
   seed: int = 0,
   mesh: Mesh | None = None,
   prompt_ids: Sequence[int] | None = None,
+  params_layout: str = "sampling",
 ) -> tuple[Rollout, dict]:
   """`generate_state` with the continuous loop. Returns (the Rollout, exactly as the
   lock-step loop lays it out, and host stats: steps, active_slot_steps, num_slots, pairs,
-  slot_utilisation = active slot-steps / (slots x steps), kv_bytes {prompt, completion})."""
+  slot_utilisation = active slot-steps / (slots x steps), kv_bytes {prompt, completion}).
+  params_layout: as `generate_state`'s layout (the decode loop reads the sampling copy)."""
   if num_samples < 1:
     raise ValueError(f"num_samples={num_samples} must be >= 1 (G samples per prompt)")
   model_cfg = nnx.merge(graphdef, state).cfg
@@ -333,9 +336,10 @@ def continuous_rollout(
     last_PV, cache = prefill(
       graphdef, state, _put(tokens_PT, mesh), _put(mask_PT, mesh), num_samples=1, cache_size=Tp
     )
+    decode_state = sampling_params(state, model_cfg, mesh, params_layout)
     bufs, lengths_N, truncated_N, stats = continuous_decode(
       graphdef,
-      state,
+      decode_state,
       cache,
       last_PV,
       jnp.asarray(lengths_P),
@@ -380,6 +384,9 @@ def generate_continuous_state(
   seed: int = 0,
   mesh: Mesh | None = None,
   prompt_ids: Sequence[int] | None = None,
+  layout: str = "sampling",
 ) -> Rollout:
   """`continuous_rollout` without the stats: the drop-in for `generate_state`."""
-  return continuous_rollout(graphdef, state, prompts, cfg, num_samples, seed, mesh, prompt_ids)[0]
+  return continuous_rollout(
+    graphdef, state, prompts, cfg, num_samples, seed, mesh, prompt_ids, params_layout=layout
+  )[0]

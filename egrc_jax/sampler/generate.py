@@ -8,6 +8,8 @@ Flow of `generate_state`:
   2. `prefill` (jit): one forward over [P, Tp] (self-attention over the prompt through the
      model's attention_impl, no [Tp, S] scores) that fills a KVCache of S slots; keeps the
      last position's logits [P, V]; repeats the cache G times (one prefill per prompt);
+     then, on a mesh, the params are copied once into the sampling layout
+     (`sampling_params`: bf16, no FSDP), so that no decode step all-gathers weights;
   3. `decode_loop` (jit, cache donated): draws token 0 for each of the B rows from the
      repeated prefill logits, then while t < C and some row is live: feeds each row's last
      token at slot Tp + t - 1, draws token t. No host sync inside the loop.
@@ -34,6 +36,7 @@ from egrc_jax.model import KVCache, Transformer, positions_from_mask
 from egrc_jax.sampler.config import SamplingConfig
 from egrc_jax.sampler.rollout import Rollout
 from egrc_jax.sampler.sampling import sample_step
+from egrc_jax.sharding import to_sampling_layout
 
 # How many times each jitted function was traced (a trace is a compile): tests assert that
 # the decode loop compiles once per shape bucket.
@@ -182,13 +185,32 @@ def check_config(cfg: SamplingConfig, vocab_size: int, max_positions: int, longe
     )
 
 
-def _put(x: np.ndarray, mesh: Mesh | None):
+def rows_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
   """Rows over data x fsdp when they divide evenly, replicated otherwise."""
+  n = mesh.shape["data"] * mesh.shape["fsdp"]
+  spec = P(("data", "fsdp"), *([None] * (len(shape) - 1))) if shape[0] % n == 0 else P()
+  return NamedSharding(mesh, spec)
+
+
+def _put(x: np.ndarray, mesh: Mesh | None):
   if mesh is None:
     return jnp.asarray(x)
-  n = mesh.shape["data"] * mesh.shape["fsdp"]
-  spec = P(("data", "fsdp"), *([None] * (x.ndim - 1))) if x.shape[0] % n == 0 else P()
-  return jax.device_put(x, NamedSharding(mesh, spec))
+  return jax.device_put(x, rows_sharding(x.shape, mesh))
+
+
+LAYOUTS = ("sampling", "training")
+
+
+def sampling_params(state: nnx.State, model_cfg, mesh: Mesh | None, layout: str = "sampling"):
+  """The params the decode loop reads. layout="sampling" (default): one copy per rollout
+  without FSDP, cast to the compute dtype (`sharding.to_sampling_layout`), so the decode
+  loop never all-gathers weights; "training": the learner's arrays as they are (each
+  decode step then gathers the FSDP-split model). Without a mesh: the state itself."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout={layout!r}: use one of {LAYOUTS}")
+  if mesh is None or layout == "training":
+    return state
+  return to_sampling_layout(state, mesh, model_cfg.jnp_dtype)
 
 
 def generate_state(
@@ -200,22 +222,27 @@ def generate_state(
   seed: int = 0,
   mesh: Mesh | None = None,
   prompt_ids: Sequence[int] | None = None,
+  layout: str = "sampling",
 ) -> Rollout:
   """`generate` over a split model (graphdef, state): the trainer passes its live policy
-  state (no copy). prompt_ids: one integer per prompt folded into its PRNG keys (default:
-  the prompt's position in `prompts`); give stable ids (e.g. dataset indices) to make a
-  prompt's samples independent of where it sits in the batch. cfg.loop picks the decode
-  loop: "lockstep" (here) or "continuous" (`continuous.generate_continuous_state`), same
-  output."""
+  state. On a mesh the decode loop reads a copy of the params made once, after the
+  prefill, in the sampling layout (`sampling_params`; layout="training" reads the learner's
+  FSDP layout directly).
+  prompt_ids: one integer per prompt folded into its PRNG keys (default: the prompt's
+  position in `prompts`); give stable ids (e.g. dataset indices) to make a prompt's samples
+  independent of where it sits in the batch. cfg.loop picks the decode loop: "lockstep"
+  (here) or "continuous" (`continuous.generate_continuous_state`), with the same output."""
   if cfg.loop == "continuous":
     # Imported here: continuous.py builds on this module's prefill and helpers.
     from egrc_jax.sampler.continuous import generate_continuous_state
 
     return generate_continuous_state(
-      graphdef, state, prompts, cfg, num_samples, seed, mesh, prompt_ids
+      graphdef, state, prompts, cfg, num_samples, seed, mesh, prompt_ids, layout=layout
     )
   if num_samples < 1:
     raise ValueError(f"num_samples={num_samples} must be >= 1 (G samples per prompt)")
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout={layout!r}: use one of {LAYOUTS}")
   model_cfg = nnx.merge(graphdef, state).cfg
   tokens_PT, mask_PT, lengths_P = prepare_prompts(prompts, cfg, model_cfg.vocab_size)
   check_config(cfg, model_cfg.vocab_size, model_cfg.max_position_embeddings, int(lengths_P.max()))
@@ -234,9 +261,13 @@ def generate_state(
       num_samples=G,
       cache_size=Tp + cfg.max_new_tokens,
     )
+    # After the prefill, not before: one forward gathers each layer once either way, and
+    # the prefill peaks lower on the FSDP arrays than on the copy (libtpu's compiler, v4-32:
+    # 20.7 vs 30.5 GiB per chip for 1.5B, 33.0 vs 36.5 for 7B; docs/memory_plan.md).
+    decode_state = sampling_params(state, model_cfg, mesh, layout)
     bufs, lengths_B, truncated_B, _ = decode_loop(
       graphdef,
-      state,
+      decode_state,
       cache,
       last_PV,
       _put(rep(lengths_P), mesh),
@@ -270,7 +301,10 @@ def generate(
   seed: int = 0,
   mesh: Mesh | None = None,
   prompt_ids: Sequence[int] | None = None,
+  layout: str = "sampling",
 ) -> Rollout:
   """G = num_samples completions for each prompt (host token lists); see `generate_state`."""
   graphdef, state = nnx.split(model)
-  return generate_state(graphdef, state, prompts, cfg, num_samples, seed, mesh, prompt_ids)
+  return generate_state(
+    graphdef, state, prompts, cfg, num_samples, seed, mesh, prompt_ids, layout=layout
+  )

@@ -183,6 +183,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.every = 0  # steps; 0 = only at the end of each stage
   c.eval.num_prompts = 64  # held-out prompts per evaluation (0 = no evaluation)
   c.eval.num_samples = 1  # samples per evaluation prompt
+  # prompts decoded per call (0 = all at once): bounds the evaluation's prompt caches; the
+  # last batch is padded with repeats (a multiple of data x fsdp splits over the mesh)
+  c.eval.batch_prompts = 0
   c.eval.temperature = 0.6  # evaluation sampling temperature
   c.eval.top_p = 0.95  # evaluation nucleus filter
   c.eval.max_new_tokens = 1024  # evaluation budget (also the exported generation_config's)
@@ -219,6 +222,7 @@ def r1_distill_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   c.eval.every = 50
   c.eval.num_prompts = 500
   c.eval.num_samples = 4
+  c.eval.batch_prompts = 128  # 4 batches of 500 (docs/memory_plan.md: 500 at once needs 114 GiB)
   c.eval.max_new_tokens = 8192  # the training limit L (the benchmark protocol's 32k: evaluate)
   return c
 

@@ -10,7 +10,7 @@ the plan once, so a bad combination fails inside `get_config`, naming the config
     stages: StagePlan(name, steps, sampling, reward, advantage, loss, switch,
                       recompute_old_logprobs) per stage of `arm`
     data:   DataPlan(train, eval: DataConfig, num_samples)
-    eval:   EvalPlan(every, num_prompts, num_samples, sampling)
+    eval:   EvalPlan(every, num_prompts, num_samples, sampling, batch_prompts)
     optim:  OptimPlan(adamw, ppo_epochs, micro_batch_rows, layout, remat, max_bad_steps)
 
 A StagePlan's SamplingConfig has no stop tokens or pad id yet: those come from the run's
@@ -109,6 +109,14 @@ class EvalPlan:
   num_prompts: int  # eval.num_prompts (0 = no evaluation)
   num_samples: int  # eval.num_samples
   sampling: SamplingConfig  # eval.{temperature, top_p, max_new_tokens}, rollout.prompt_buckets
+  # eval.batch_prompts: prompts decoded per call (0 = all at once); the last batch is padded
+  # with repeats of its last prompt, so every call has the same shape (one compile)
+  batch_prompts: int = 0
+
+  def batches(self, n: int) -> list[tuple[int, int]]:
+    """[start, stop) of each batch of n prompts."""
+    size = self.batch_prompts or n
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 LAYOUTS = ("packed", "padded")
@@ -368,12 +376,12 @@ def eval_plan(c) -> EvalPlan:
       prompt_buckets=tuple(c.rollout.prompt_buckets),
       **decode_loop_settings(c),
     )
-    if e.every < 0 or e.num_prompts < 0 or e.num_samples < 1:
+    if e.every < 0 or e.num_prompts < 0 or e.num_samples < 1 or e.batch_prompts < 0:
       raise ValueError(
-        f"eval.every={e.every} and eval.num_prompts={e.num_prompts} must be >= 0 and "
-        f"eval.num_samples={e.num_samples} >= 1"
+        f"eval.every={e.every}, eval.num_prompts={e.num_prompts} and eval.batch_prompts="
+        f"{e.batch_prompts} must be >= 0 and eval.num_samples={e.num_samples} >= 1"
       )
-  return EvalPlan(e.every, e.num_prompts, e.num_samples, sampling)
+  return EvalPlan(e.every, e.num_prompts, e.num_samples, sampling, e.batch_prompts)
 
 
 def optim_plan(c) -> OptimPlan:

@@ -52,18 +52,26 @@ def load_tokenizer(c):
   return chat.load_tokenizer(path)
 
 
-def load_policy(c, mesh):
-  """(ModelConfig, sharded Transformer) from model.hf_path, or a random-init preset
-  (model.hidden_size / model.num_layers, when set, reshape the preset)."""
-  dtypes = {
+def _model_settings(c) -> dict:
+  return {
     "dtype": c.model.dtype,
     "param_dtype": c.model.param_dtype,
     "attention_impl": c.model.attention,
   }
-  if c.model.hf_path:
-    return hf.load_model(c.model.hf_path, mesh=mesh, **dtypes)
+
+
+def preset_model_config(c) -> ModelConfig:
+  """The ModelConfig of model.preset with the run's dtypes and attention (model.hidden_size /
+  model.num_layers, when set, reshape the preset)."""
   shape = {k: v for k in ("hidden_size", "num_layers") if (v := c.model[k])}
-  cfg = get_preset(c.model.preset, **dtypes, **shape)
+  return get_preset(c.model.preset, **_model_settings(c), **shape)
+
+
+def load_policy(c, mesh):
+  """(ModelConfig, sharded Transformer) from model.hf_path, or a random-init preset."""
+  if c.model.hf_path:
+    return hf.load_model(c.model.hf_path, mesh=mesh, **_model_settings(c))
+  cfg = preset_model_config(c)
   return cfg, init_model(cfg, mesh, seed=c.seed)
 
 

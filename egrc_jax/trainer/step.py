@@ -158,17 +158,26 @@ def evaluate_policy(
   ev: EvalPlan, examples: list[dict], graphdef, params, grader, seed: int, mesh=None
 ) -> dict[str, float]:
   """Accuracy, mean length and truncation rate of `params` on `examples` (eval.num_samples
-  samples each, the evaluation's own sampling settings)."""
+  samples each, the evaluation's own sampling settings), in batches of eval.batch_prompts
+  prompts (the last one padded with repeats of its last prompt, whose rows are dropped)."""
   n = ev.num_samples
-  rollout = to_host(
-    sampler.generate_state(
-      graphdef, params, [e["prompt_ids"] for e in examples], ev.sampling, num_samples=n,
-      seed=seed, mesh=mesh,
+  correct, lengths, truncated = [], [], []
+  for i, (start, stop) in enumerate(ev.batches(len(examples))):
+    batch = examples[start:stop]
+    pad = (ev.batch_prompts - len(batch)) if ev.batch_prompts else 0
+    prompts = [e["prompt_ids"] for e in batch] + [batch[-1]["prompt_ids"]] * pad
+    rollout = to_host(
+      sampler.generate_state(
+        graphdef, params, prompts, ev.sampling, num_samples=n, seed=seed + i, mesh=mesh
+      )
     )
-  )  # fmt: skip
-  correct = grader.grade_rollout(rollout, [e["gold"] for e in examples for _ in range(n)])
+    if pad:
+      rollout = jax.tree.map(lambda x: x[: len(batch) * n], rollout)
+    correct.append(grader.grade_rollout(rollout, [e["gold"] for e in batch for _ in range(n)]))
+    lengths.append(np.asarray(rollout.lengths_B))
+    truncated.append(np.asarray(rollout.truncated_B))
   return {
-    "accuracy": float(correct.mean()),
-    "length": float(np.asarray(rollout.lengths_B).mean()),
-    "truncated": float(np.asarray(rollout.truncated_B).mean()),
+    "accuracy": float(np.concatenate(correct).mean()),
+    "length": float(np.concatenate(lengths).mean()),
+    "truncated": float(np.concatenate(truncated).mean()),
   }
