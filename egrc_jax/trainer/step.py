@@ -172,7 +172,8 @@ def evaluate_policy(
       )
     )
     if pad:
-      rollout = jax.tree.map(lambda x: x[: len(batch) * n], rollout)
+      rows = len(batch) * n
+      rollout = jax.tree.map(lambda x, rows=rows: x[:rows], rollout)
     correct.append(grader.grade_rollout(rollout, [e["gold"] for e in batch for _ in range(n)]))
     lengths.append(np.asarray(rollout.lengths_B))
     truncated.append(np.asarray(rollout.truncated_B))
