@@ -170,7 +170,7 @@ def test_cli_errors(argv, message, capsys):
 @pytest.mark.parametrize("name", ["r1_distill_1p5b", "r1_distill_7b"])
 def test_cli_reads_a_run_config(name, capsys):
   # The config's mesh (fsdp -1 over 16 chips; 7B tensor 4), rows, lengths, float32 params,
-  # memory-efficient attention and the continuous decode loop (64 slots, paged KV on TPU)
+  # memory-efficient attention and the continuous decode loop (256 slots, paged KV on TPU)
   # reach the plan, and both shipped configs fit a v4-32 (docs/memory_plan.md has the
   # compiler's figures for the same programs).
   root = pathlib.Path(__file__).resolve().parents[1]
@@ -178,13 +178,14 @@ def test_cli_reads_a_run_config(name, capsys):
   out = capsys.readouterr().out
   assert (name == "r1_distill_7b") == ("tensor:4" in out)
   assert "params/device" in out and "x 4 B" in out  # float32 params, their own master
-  assert "KV: 64 completion slots" in out and "(paged)" in out
+  assert "KV: 256 completion slots" in out and "(paged)" in out
   assert "activations (remat=full, flash)" in out
   assert "DOES NOT FIT" not in out and "FITS" in out
   programs = {line.split("|")[1].strip(): float(line.split("|")[3]) for line in out.splitlines()
               if "= state +" in line}  # fmt: skip
-  assert set(programs) == {"prefill", "reshard", "decode", "train"}
-  assert programs["decode"] < programs["reshard"]  # the slots' KV is under one gather buffer
+  # rollout.recompute_old_logprobs=always: the learner's forward-only pass is a program too
+  assert set(programs) == {"prefill", "reshard", "decode", "train", "reference"}
+  assert programs["reference"] < programs["train"]  # a forward of the same micro-batches
 
 
 def test_sampling_copy_term_hand_count():
@@ -218,5 +219,44 @@ def test_prefill_and_decode_working_sets_hand_count():
   terms = {t.name: t.bytes for t in plan.terms}
   kv_p = 2 * L * p * S * K * H * 2 + p * S
   linear = p * P * (2 * (4 * D + 2 * N * H + 2 * K * H + 3 * F) + 8 * D)
-  assert terms["prefill working set"] == kv_p + p * N * P * S * (8 + 2) + linear
-  assert terms["decode step working set"] == 3 * r * V * 4 + r * N * S * 6 + 17 * r * (S - P)
+  assert terms["prefill working set"] == kv_p + p * N * P * P * (8 + 2) + linear  # dense
+  flash = _plan(rollout_rows=1024, prefill_rows=128, prompt_len=P, attention="flash")
+  flash_terms = {t.name: t.bytes for t in flash.terms}
+  assert flash_terms["prefill working set"] == kv_p + 8 * p * N * P + linear  # row stats only
+  assert terms["decode step working set"] == 14 * r * V * 4 + r * N * S * 6 + 17 * r * (S - P)
+
+
+def test_continuous_loop_kv_hand_count():
+  # rollout.loop=continuous: one prompt cache per group (128 prompts over 16 chips) plus 64
+  # completion slots (4 per chip), paged in pages of 16 tokens: a slot holds
+  # ceil((16 - 1 + 8192) / 16) = 513 pages (a prompt's last page may be shared).
+  L, K, H = 28, 2, 128
+  plan = _plan(
+    rollout_rows=1024, prefill_rows=128, prompt_len=1024, loop="continuous", num_slots=64,
+    kv_layout="paged", page_size=16,
+  )  # fmt: skip
+  terms = {t.name: t.bytes for t in plan.terms}
+  per_token = 2 * L * K * H * 2  # k and v, bf16
+  assert terms["KV: prompt caches (one per group)"] == per_token * (128 // 16) * 64 * 16
+  assert terms["KV: 64 completion slots"] == per_token * (64 // 16) * 513 * 16
+  # 100 prompts do not split over 16 chips: every chip holds all their caches; a dense slot
+  # holds its prompt's copy and the budget (1024 + 8192 tokens)
+  odd = _plan(
+    rollout_rows=800, prefill_rows=100, prompt_len=1024, loop="continuous", num_slots=64,
+    kv_layout="dense",
+  )  # fmt: skip
+  terms = {t.name: t.bytes for t in odd.terms}
+  assert terms["KV: prompt caches (one per group)"] == per_token * 100 * 1024
+  assert terms["KV: 64 completion slots"] == per_token * 4 * (1024 + 8192)
+
+
+def test_reference_pass_hand_count():
+  # KL on, flash attention: one micro-batch of 16 rows = 1 row per chip of fsdp 16, T 9216;
+  # the MLP's gate and up (2 T F bf16 = 330 MB) outweigh a vocab chunk's f32 logits (302 MB);
+  # plus one f32 vocab matrix gathered whole.
+  V, D, F, N, T = 151936, 1536, 8960, 12, 1024 + 8192
+  plan = _plan(reference=True, attention="flash")
+  terms = {t.name: t.bytes for t in plan.terms}
+  expected = 2 * T * D * 2 + max(2 * T * F * 2, T * 8192 * 4) + 8 * N * T + V * D * 4
+  assert terms["reference forward (one micro-batch)"] == expected
+  assert plan.program_bytes()["reference"] == plan.phase_bytes("state") + expected

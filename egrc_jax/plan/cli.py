@@ -134,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--opt_state_dtype", default="float32", choices=DTYPES)
   p.add_argument("--no_master", action="store_true", help="no f32 master copy of bf16 params")
   p.add_argument("--reference", action="store_true", help="KL on: frozen reference params")
+  p.add_argument(
+    "--logprobs_pass",
+    action="store_true",
+    help="plan the learner's forward-only logprobs pass (on with --reference; from --config:"
+    " rollout.recompute_old_logprobs)",
+  )
   p.add_argument("--vocab_chunk", type=int, default=None, help="default: loss.vocab_chunk or 8192")
   p.add_argument(
     "--no_sampling_layout",
@@ -188,6 +194,10 @@ def fill_from_config(args: argparse.Namespace, c=None) -> None:
     if getattr(args, key) in (None, {}):
       setattr(args, key, value)
   args.reference = args.reference or c.loss.kl_kind != "none"
+  from egrc_jax.trainer.plan import build_plan  # noqa: PLC0415
+
+  recompute = any(s.recompute_old_logprobs for s in build_plan(c).stages)
+  args.logprobs_pass = args.logprobs_pass or recompute
   args.vocab_chunk = args.vocab_chunk or c.loss.vocab_chunk
   if args.param_dtype is None and c.model.param_dtype:
     args.param_dtype = c.model.param_dtype
@@ -257,6 +267,7 @@ def formula_plan(args: argparse.Namespace):
     param_dtype=args.param_dtype,
     opt_state_dtype=args.opt_state_dtype,
     reference=args.reference,
+    logprobs_pass=args.logprobs_pass or args.reference,
     master_dtype=None if args.no_master else "float32",
     attention=args.attention or "dense",
     loop=args.loop or "lockstep",

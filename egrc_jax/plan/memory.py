@@ -72,6 +72,11 @@ def _param_elements(cfg: ModelConfig, sizes: tuple[int, ...]) -> int:
   return int(total)
 
 
+# f32 [rows, vocab] buffers one decode step holds at once (`rollout_terms`); calibrated
+# against libtpu's compiler: 2000 continuous slots per v4 chip, 1.5B width (tests/test_aot.py)
+VOCAB_BUFFERS = 14
+
+
 def _split(n: int, shards: int) -> int:
   """Shards a dimension of size n is split into: the logical_to_spec divisibility fallback."""
   return shards if n % shards == 0 else 1
@@ -181,9 +186,12 @@ def reference_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
   V = cfg.vocab_size // _split(cfg.vocab_size, s.tensor)
   scores = b * Nt * T * T * (8 + a) if s.attention == "dense" else b * Nt * T * 8
   peak = max(2 * b * T * Ft * a, b * T * min(s.vocab_chunk, V) * 4)
-  work = 2 * b * T * cfg.hidden_size * a + peak + scores
+  # one vocab matrix gathered whole over fsdp in f32 (the embedding table for the lookup or
+  # the lm head), which the compiler keeps beside the activations (1.5B on a v4-32: 0.87 GiB)
+  gathered = V * cfg.hidden_size * 4
+  work = 2 * b * T * cfg.hidden_size * a + peak + scores + gathered
   att = "b N/t_h T T (8 + a)" if s.attention == "dense" else "8 b N/t_h T"
-  formula = f"2 b T D a + max(2 b T F/t_f a, b T C_v 4) + {att}"
+  formula = f"2 b T D a + max(2 b T F/t_f a, b T C_v 4) + {att} + V/t_v D 4"
   return [Term("reference forward (one micro-batch)", "reference", work, formula)]
 
 
@@ -193,14 +201,14 @@ def rollout_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
   rollout: the KV cache of the r rows (the prefill's output, the decode's carry).
   sampling (reshard and decode, when `sampling_layout`): the copy of the params the decode
            reads, every weight without fsdp in the compute dtype, made after the prefill.
-  prefill: KV(p) + p N/t_h P S (8 + a) + linear(p, P) -- the prompt rows' own cache (the
-           G-fold repeat into KV(r) is its output), and f32 scores of P queries against all
-           S cache slots twice (XLA may overlap two blocks' softmax) plus bf16 probabilities.
-           An upper bound: on the FSDP params XLA may keep one block's scores and write the
-           prompt cache straight into its repeat (1.5B on a v4-32: 35% less).
-  decode:  3 r V/t_v 4 + r N/t_h S (4 + a) + 17 r C -- one step's f32 logits, probabilities
-           and entropy terms, one layer's scores against the cache, and the [r, C] outputs
-           (int32 tokens, bool mask, three f32 statistics).
+  prefill: KV(p) + scores + linear(p, P) -- the prompt rows' own cache (the G-fold repeat
+           into KV(r) is its output) and the prompt attending to itself (`_prompt_scores`).
+  decode:  14 r V/t_v 4 + r N/t_h S (4 + a) + 17 r C -- one step's vocab-wide f32 buffers
+           (VOCAB_BUFFERS: logits, tempered logits, the top-p sort's values and indices,
+           cumulative sums, probabilities, log-probabilities and entropy terms; 14 is the
+           compiler's count at 2000 rows per chip, where they dominate), one layer's scores
+           against the cache, and the [r, C] outputs (int32 tokens, bool mask, three f32
+           statistics).
   reshard: at most one more sampling copy -- each weight arrives from its all-gather in a
            receive buffer and is laid out into the copy; XLA reuses some of those buffers
            across weights (the compiler: 62% of a copy for 1.5B on fsdp 16, 100% for 7B on
@@ -221,19 +229,27 @@ def rollout_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
     )
     terms.append(Term("reshard gather buffers", "reshard", copy, "<= the sampling params"))
   C = s.cache_len - s.prompt_len
-  decode = 3 * r * V * 4 + r * Nt * s.cache_len * (4 + a) + 17 * r * C
+  decode = VOCAB_BUFFERS * r * V * 4 + r * Nt * s.cache_len * (4 + a) + 17 * r * C
   terms.append(
-    Term("decode step working set", "decode", decode, "3 r V/t_v 4 + r N/t_h S (4 + a) + 17 r C")
+    Term("decode step working set", "decode", decode, "14 r V/t_v 4 + r N/t_h S (4 + a) + 17 r C")
   )
   if s.prompt_len:
     p = (s.prefill_rows or s.rollout_rows) // rows
     kv_p = kv_cache_bytes(cfg, s, s.prefill_rows or s.rollout_rows)
     linear, _ = linear_bytes(cfg, s, p, s.prompt_len)
-    prefill = kv_p + p * Nt * s.prompt_len * s.cache_len * (8 + a) + linear
-    terms.append(
-      Term("prefill working set", "prefill", prefill, "KV(p) + p N/t_h P S (8 + a) + linear(p, P)")
-    )
+    scores, sf = _prompt_scores(s, p, Nt, s.prompt_len)
+    prefill = kv_p + scores + linear
+    terms.append(Term("prefill working set", "prefill", prefill, f"KV(p) + {sf} + linear(p, P)"))
   return terms
+
+
+def _prompt_scores(s: PlanSettings, p: int, Nt: int, P: int) -> tuple[int, str]:
+  """The prefill's attention: P prompt tokens attend to themselves (`Transformer.prefill`);
+  dense holds f32 scores twice (XLA may overlap two blocks' softmax) and bf16
+  probabilities, flash (splash / blocked) only row statistics."""
+  if s.attention == "dense":
+    return p * Nt * P * P * (8 + nbytes(s.compute_dtype)), "p N/t_h P P (8 + a)"
+  return p * Nt * P * 8, "8 p N/t_h P"
 
 
 def _sampling_copy_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
@@ -252,9 +268,9 @@ def _continuous_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
   (`sampler.layouts.kv_layout_bytes`). The prompts and slots split over the D = data x fsdp
   batch shards when D divides both, else the prompt cache is replicated on every device.
 
-  prefill: KV of the p = P/D prompts + p N/t_h P_len^2 (8 + a) + linear(p, P_len) (the
-           prompts attend to themselves only; the completion slots are made empty after).
-  decode:  b = B/D rows: 3 b V/t_v 4 + b N/t_h S (4 + a) + per-pair outputs 17 (P G / D) C.
+  prefill: scores + linear(p, P_len) of the p = P/D prompts attending to themselves
+           (`_prompt_scores`); its output is the prompt caches.
+  decode:  b = B/D rows: 14 b V/t_v 4 + b N/t_h S (4 + a) + per-pair outputs 17 (P G / D) C.
   """
   from egrc_jax.sampler.config import SamplingConfig  # noqa: PLC0415
   from egrc_jax.sampler.layouts import kv_layout_bytes  # noqa: PLC0415
@@ -281,18 +297,16 @@ def _continuous_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
   terms += _sampling_copy_terms(cfg, s)
   b = max(slots // D, 1)
   pairs = s.rollout_rows // D
-  decode = 3 * b * V * 4 + b * Nt * s.cache_len * (4 + a) + 17 * pairs * C
+  decode = VOCAB_BUFFERS * b * V * 4 + b * Nt * s.cache_len * (4 + a) + 17 * pairs * C
   terms.append(
     Term("decode step working set", "decode", decode,
-         "3 b V/t_v 4 + b N/t_h S (4 + a) + 17 (P G/D) C")
+         "14 b V/t_v 4 + b N/t_h S (4 + a) + 17 (P G/D) C")
   )  # fmt: skip
   if Pl:
     p = prompts // D if split else prompts
     linear, _ = linear_bytes(cfg, s, p, Pl)
-    prefill = p * Nt * Pl * Pl * (8 + a) + linear
-    terms.append(
-      Term("prefill working set", "prefill", prefill, "p N/t_h P_len^2 (8 + a) + linear(p, P_len)")
-    )
+    scores, sf = _prompt_scores(s, p, Nt, Pl)
+    terms.append(Term("prefill working set", "prefill", scores + linear, f"{sf} + linear(p, P)"))
   return terms
 
 
@@ -353,7 +367,7 @@ def plan_memory(
   if s.reference:
     terms.append(Term("reference params (KL on)", "state", n * pb, f"{n:,} x {pb} B"))
   terms += rollout_terms(model_cfg, s)
-  if s.reference:
+  if s.reference or s.logprobs_pass:
     terms += reference_terms(model_cfg, s)
   gb = nbytes(s.grad_dtype)
   terms.append(

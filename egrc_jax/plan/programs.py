@@ -78,6 +78,8 @@ class Program:
   trips: int = 1  # iterations of its main loop (XLA's cost analysis counts a body once)
   loop: str = ""  # "decode": report the collectives of its while body
   model_flops: float = 0.0  # per device, per loop trip (train: one micro-batch)
+  # what the chip executes for them: with remat each block's forward runs twice (8/6)
+  hardware_flops: float = 0.0
   real_tokens: float = 0.0  # train: the rollout's real tokens the step learns from
   param_sizes: frozenset[int] = frozenset()  # weight element counts (marks weight gathers)
   mesh: Mesh | None = None  # set: lowered under jax.set_mesh (the sampler is, the learner not)
@@ -232,6 +234,8 @@ def run_programs(c, mesh: Mesh, layout: str = "sampling") -> dict[str, Program]:
   samp_params, _ = abstract_sampling_params(params, mesh, cfg.jnp_dtype)
   losses = {s.loss: s for s in stages}
   use_ref = any(lc.kl_kind is not None for lc in losses)
+  # the learner's logprobs pass also runs for the old logprobs (rollout.recompute_old_logprobs)
+  use_pass = use_ref or any(s.recompute_old_logprobs for s in stages)
   G, Pn, C = plan.data.num_samples, plan.data.prompts_per_step, c.rollout.max_new_tokens
   B = Pn * G
   Tp = SamplingConfig(prompt_buckets=tuple(c.rollout.prompt_buckets)).bucket(
@@ -346,7 +350,7 @@ def run_programs(c, mesh: Mesh, layout: str = "sampling") -> dict[str, Program]:
   }
   rows_sh = batch_sharding(mesh)
   scalar = jax.ShapeDtypeStruct((), jnp.float32)
-  if use_ref:
+  if use_pass:
     rows, s_, c_, head = layouts[o.layout]
     ref_batch = abstract_batch(rows, s_, c_, head, rows_sh)
     ref_fn = make_logprobs_pass(graphdef, c.loss.vocab_chunk, o.micro_batch_rows, mesh)
@@ -355,9 +359,12 @@ def run_programs(c, mesh: Mesh, layout: str = "sampling") -> dict[str, Program]:
       ref_fn,
       lambda _: (params, ref_batch, scalar),
       {},
-      {"train state (params + optimizer)": state_bytes},
+      # the reference params are its argument beside the train state; the old-logprobs
+      # pass reads the train state's own params
+      {"train state (params + optimizer)": state_bytes} if use_ref else beside_params,
       ("optim.micro_batch_rows", "rollout.max_new_tokens"),
-      note=f"frozen reference over {rows} {o.layout} rows, in the learner's micro-batches",
+      note=f"logprobs pass ({'reference' if use_ref else 'old logprobs'}) over {rows}"
+      f" {o.layout} rows, in the learner's micro-batches",
     )
   other = "padded" if o.layout == "packed" else "packed"
   for i, loss_cfg in enumerate(losses):
@@ -387,6 +394,7 @@ def run_programs(c, mesh: Mesh, layout: str = "sampling") -> dict[str, Program]:
         ("optim.micro_batch_rows", "rollout.max_new_tokens", "mesh.tensor", "optim.remat"),
         trips=(rows // micro) * o.ppo_epochs,
         model_flops=train_model_flops(cfg, micro, S, mesh.size),
+        hardware_flops=train_model_flops(cfg, micro, S, mesh.size) * (8 / 6 if o.remat else 1),
         real_tokens=real,
         note=f"{lay}: {rows // micro} micro-batches of {micro} rows x {S} slots, remat={o.remat}",
       )

@@ -47,6 +47,7 @@ class PlanSettings:
   master_dtype: str | None = "float32"  # master copy kept when it differs from param_dtype
   grad_dtype: str = "float32"  # the gradient accumulator over micro-batches
   reference: bool = False  # frozen reference params (KL on)
+  logprobs_pass: bool = False  # the learner's forward-only pass runs (KL, or old logprobs)
   kv_dtype: str = "bfloat16"
   compute_dtype: str = "bfloat16"
   attention: str = "dense"  # dense: [T, S] scores materialised (today's model); flash: not

@@ -183,9 +183,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.every = 0  # steps; 0 = only at the end of each stage
   c.eval.num_prompts = 64  # held-out prompts per evaluation (0 = no evaluation)
   c.eval.num_samples = 1  # samples per evaluation prompt
-  # prompts decoded per call (0 = all at once): bounds the evaluation's prompt caches; the
-  # last batch is padded with repeats (a multiple of data x fsdp splits over the mesh)
-  c.eval.batch_prompts = 0
+  c.eval.batch_prompts = 0  # prompts per decode call (0 = all); the last one padded by repeats
   c.eval.temperature = 0.6  # evaluation sampling temperature
   c.eval.top_p = 0.95  # evaluation nucleus filter
   c.eval.max_new_tokens = 1024  # evaluation budget (also the exported generation_config's)
@@ -208,6 +206,11 @@ def r1_distill_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   # differently (max |delta log p| ~5e-2 on a tiny model, docs/attention.md): the learner's own
   # old logprobs keep the PPO ratio exact, at the cost of one more forward pass per step.
   c.rollout.recompute_old_logprobs = "always"
+  # The continuous loop on a pod: 256 slots (16 per chip on a v4-32 at fsdp 16, 64 per
+  # fsdp group of 7B's fsdp 4 x tensor 4), pages of 64 tokens for the TPU paged-attention
+  # kernel (docs/memory_plan.md has the compiled decode for both configs).
+  c.rollout.num_slots = 256
+  c.rollout.page_size = 64
   c.grading.workers = 8
   c.grading.timeout_s = 10.0
   c.compress.steps = 200
