@@ -6,7 +6,10 @@
       --config=configs/r1_distill_7b.py:model.hf_path=... --workdir=gs://...
 
 Arms: add `arm=ee|reverse|compress|enhance|grpo|baseline` (and `single.reward=...` for the
-literature's rewards). Mesh for a v4-32 slice (16 chips): fsdp 4 x tensor 4 (launch/README.md).
+literature's rewards). Mesh: tensor 4 x fsdp over the rest: fsdp 4 on a v4-32 (16 chips), fsdp 1
+on a v5p-8 (4 chips, the smallest slice it was compiled for); every program fits at L = 8192
+on both (docs/memory_plan.md, launch/README.md). `launch/tpu.sh run --type v5p-8 ...` runs it
+unchanged.
 Shared settings: `egrc_jax.trainer.config.r1_distill_defaults`; every key: docs/config.md.
 """
 
