@@ -260,3 +260,8 @@ def test_reference_pass_hand_count():
   expected = 2 * T * D * 2 + max(2 * T * F * 2, T * 8192 * 4) + 8 * N * T + V * D * 4
   assert terms["reference forward (one micro-batch)"] == expected
   assert plan.program_bytes()["reference"] == plan.phase_bytes("state") + expected
+
+
+def test_continuous_loop_needs_slots():
+  with pytest.raises(ValueError, match="num_slots=0: the continuous loop needs >= 1 slot"):
+    _plan(loop="continuous", num_slots=0)

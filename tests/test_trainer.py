@@ -541,3 +541,8 @@ def test_evaluation_in_padded_batches_equals_one_call():
   b = evaluate_policy(batched, examples, graphdef, params, _LengthGrader(), seed=0)
   assert a == b
   assert 0 < a["length"] <= 12
+
+
+def test_negative_eval_batch_prompts_is_refused():
+  with pytest.raises(ValueError, match="eval.batch_prompts=-1"):
+    tiny("eval.batch_prompts=-1")

@@ -285,10 +285,11 @@ def formula_plan(args: argparse.Namespace):
 
 
 def _kv_layout(name: str, chip: str) -> str:
-  """`auto` as the sampler resolves it (`sampler.layouts.resolve_layout`): paged on TPU."""
-  if name != "auto":
-    return name
-  return "dense" if chip in ("H100", "H200") else "paged"
+  """The KV layout the sampler runs on `chip` (`sampler.layouts.resolve_layout`)."""
+  from egrc_jax.sampler.layouts import resolve_layout  # noqa: PLC0415
+
+  platform = "gpu" if chip in ("H100", "H200") else "tpu"
+  return resolve_layout(SamplingConfig(kv_layout=name), platform)
 
 
 def compile_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

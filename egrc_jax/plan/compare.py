@@ -33,8 +33,10 @@ def formula_plan_for(c, report: RunReport, *, rows=None, group=None, sampling=Tr
 def _formula_programs(c, report: RunReport) -> dict[str, int | str]:
   sampling = report.layout == "sampling"
   out: dict[str, int | str] = dict(formula_plan_for(c, report, sampling=sampling).program_bytes())
-  rows = (c.eval.batch_prompts or c.eval.num_prompts) * c.eval.num_samples
-  group = c.eval.num_samples
+  from egrc_jax.trainer.plan import build_plan  # noqa: PLC0415
+
+  ev = build_plan(c).eval
+  rows, group = ev.prompts_per_call * ev.num_samples, ev.num_samples
   names = ("prefill", "reshard", "decode")
   try:
     ev = formula_plan_for(c, report, rows=rows, group=group, sampling=sampling).program_bytes()

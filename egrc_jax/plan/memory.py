@@ -214,25 +214,15 @@ def rollout_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
            across weights (the compiler: 62% of a copy for 1.5B on fsdp 16, 100% for 7B on
            fsdp 4 x tensor 4), so this is an upper bound.
   """
-  rows = s.data * s.fsdp
-  r, a = s.rollout_rows // rows, nbytes(s.compute_dtype)
-  V = cfg.vocab_size // _split(cfg.vocab_size, s.tensor)
-  Nt = cfg.num_heads // _split(cfg.num_heads, s.tensor)
   if s.loop == "continuous":
     return _continuous_terms(cfg, s)
+  rows = s.data * s.fsdp
+  r = s.rollout_rows // rows
+  Nt = cfg.num_heads // _split(cfg.num_heads, s.tensor)
   kv = kv_cache_bytes(cfg, s, s.rollout_rows)
   terms = [Term("KV cache (rollout rows)", "rollout", kv, "2 L r S K/t_k H a_kv + r S")]
-  if s.sampling_layout:
-    copy = sampling_param_bytes(cfg, s)
-    terms.append(
-      Term("sampling params (no fsdp)", "sampling", copy, "params/t in min(param, compute) B")
-    )
-    terms.append(Term("reshard gather buffers", "reshard", copy, "<= the sampling params"))
-  C = s.cache_len - s.prompt_len
-  decode = VOCAB_BUFFERS * r * V * 4 + r * Nt * s.cache_len * (4 + a) + 17 * r * C
-  terms.append(
-    Term("decode step working set", "decode", decode, "14 r V/t_v 4 + r N/t_h S (4 + a) + 17 r C")
-  )
+  terms += _sampling_copy_terms(cfg, s)
+  terms.append(_decode_step_term(cfg, s, r, r, "r", "r"))
   if s.prompt_len:
     p = (s.prefill_rows or s.rollout_rows) // rows
     kv_p = kv_cache_bytes(cfg, s, s.prefill_rows or s.rollout_rows)
@@ -250,6 +240,18 @@ def _prompt_scores(s: PlanSettings, p: int, Nt: int, P: int) -> tuple[int, str]:
   if s.attention == "dense":
     return p * Nt * P * P * (8 + nbytes(s.compute_dtype)), "p N/t_h P P (8 + a)"
   return p * Nt * P * 8, "8 p N/t_h P"
+
+
+def _decode_step_term(cfg, s: PlanSettings, b: int, pairs: int, bs: str, ps: str) -> Term:
+  """One decode step of b rows per device: the vocab-wide f32 buffers, one layer's scores
+  against the cache, and the [pairs, C] outputs (`rollout_terms`' docstring)."""
+  a = nbytes(s.compute_dtype)
+  V = cfg.vocab_size // _split(cfg.vocab_size, s.tensor)
+  Nt = cfg.num_heads // _split(cfg.num_heads, s.tensor)
+  C = s.cache_len - s.prompt_len
+  decode = VOCAB_BUFFERS * b * V * 4 + b * Nt * s.cache_len * (4 + a) + 17 * pairs * C
+  formula = f"{VOCAB_BUFFERS} {bs} V/t_v 4 + {bs} N/t_h S (4 + a) + 17 {ps} C"
+  return Term("decode step working set", "decode", decode, formula)
 
 
 def _sampling_copy_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
@@ -275,8 +277,7 @@ def _continuous_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
   from egrc_jax.sampler.config import SamplingConfig  # noqa: PLC0415
   from egrc_jax.sampler.layouts import kv_layout_bytes  # noqa: PLC0415
 
-  D, a = s.data * s.fsdp, nbytes(s.compute_dtype)
-  V = cfg.vocab_size // _split(cfg.vocab_size, s.tensor)
+  D = s.data * s.fsdp
   Nt = cfg.num_heads // _split(cfg.num_heads, s.tensor)
   Kt = cfg.num_kv_heads // _split(cfg.num_kv_heads, s.tensor)
   prompts = s.prefill_rows or s.rollout_rows
@@ -295,13 +296,7 @@ def _continuous_terms(cfg: ModelConfig, s: PlanSettings) -> list[Term]:
          f"2 L B/D slot_len K/t_k H a_kv ({s.kv_layout})"),
   ]  # fmt: skip
   terms += _sampling_copy_terms(cfg, s)
-  b = max(slots // D, 1)
-  pairs = s.rollout_rows // D
-  decode = VOCAB_BUFFERS * b * V * 4 + b * Nt * s.cache_len * (4 + a) + 17 * pairs * C
-  terms.append(
-    Term("decode step working set", "decode", decode,
-         "14 b V/t_v 4 + b N/t_h S (4 + a) + 17 (P G/D) C")
-  )  # fmt: skip
+  terms.append(_decode_step_term(cfg, s, max(slots // D, 1), s.rollout_rows // D, "b", "(P G/D)"))
   if Pl:
     p = prompts // D if split else prompts
     linear, _ = linear_bytes(cfg, s, p, Pl)

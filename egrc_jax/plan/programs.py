@@ -401,7 +401,7 @@ def run_programs(c, mesh: Mesh, layout: str = "sampling") -> dict[str, Program]:
   if plan.eval.num_prompts > 0 and plan.data.eval is not None:
     sampler_programs(
       "eval_",
-      plan.eval.batch_prompts or plan.eval.num_prompts,  # one call of evaluate_policy
+      plan.eval.prompts_per_call,  # one call of evaluate_policy
       plan.eval.num_samples,
       _bind(plan.eval.sampling, cfg),
       ("eval.batch_prompts", "eval.num_samples", "eval.max_new_tokens"),

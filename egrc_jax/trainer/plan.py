@@ -113,6 +113,11 @@ class EvalPlan:
   # with repeats of its last prompt, so every call has the same shape (one compile)
   batch_prompts: int = 0
 
+  @property
+  def prompts_per_call(self) -> int:
+    """Prompts one decode call of the evaluation holds."""
+    return self.batch_prompts or self.num_prompts
+
   def batches(self, n: int) -> list[tuple[int, int]]:
     """[start, stop) of each batch of n prompts."""
     size = self.batch_prompts or n
