@@ -12,8 +12,9 @@ so a packed batch's loss is the padded batch's, up to float summation order:
   packed  each rollout row's real tokens (prompt, then completion) end to end in rows of S
           slots (first fit, longest first), segment ids 1, 2, ... and positions restarting
           per sequence; every slot is a loss position (C = S), the ones that predict a
-          completion token carry the inputs. R is rounded up to `rows_multiple` * 2^k
-          (capped at B), so a run compiles one learner step per bucket of R.
+          completion token carry the inputs. R is rounded up to `rows_multiple` times
+          1, 2, 3, 4, 6, 8, 12, ... (capped at B): a run compiles one learner step per
+          bucket of R, and a bucket wastes at most a third of its rows.
 """
 
 from __future__ import annotations
@@ -114,11 +115,14 @@ def pack_rows(lengths_B: np.ndarray, S: int) -> tuple[np.ndarray, np.ndarray, in
 
 
 def bucket_rows(needed: int, multiple: int, cap: int) -> int:
-  """The smallest multiple * 2^k >= needed, at most `cap` (the padded row count)."""
-  rows = max(multiple, 1)
-  while rows < needed:
-    rows *= 2
-  return min(rows, cap)
+  """The smallest multiple * b >= needed with b in 1, 2, 3, 4, 6, 8, 12, 16, ... (2^k and
+  3 * 2^k: half-octave steps, so at most a third of the rows are empty), at most `cap`
+  (the padded row count)."""
+  m = max(multiple, 1)
+  b = 1
+  while m * b < needed:
+    b = b * 3 // 2 if b & (b - 1) == 0 and b > 1 else (b * 4 // 3 if b % 3 == 0 else b * 2)
+  return min(m * b, cap)
 
 
 def _packed(rollout: Rollout, per_token: dict, rows_multiple: int) -> Batch:
