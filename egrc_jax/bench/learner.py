@@ -11,7 +11,10 @@ Three measurements, each the best of `--repeats` timed calls after one compile:
     like the toy's stage-1 rollouts), padded and packed;
   * r1_like: a tiny model (D 64) on lengths up to L = 2048 drawn from a long tail (a
     lognormal with median 600 tokens, 8% cut at L: R1-Distill's shape on MATH), padded and
-    packed.
+    packed;
+  * r1_proportions: the same rollout on a model (D 256, F 2560, the same attention) whose
+    attention-to-matmul work matches R1-Distill-1.5B's (the D 64 model's attention weighs
+    40x more per token and dominates its step).
 Figures: real tokens per second (prompt and completion tokens of the rollout, padding
 excluded) per layout and their ratio; the toy step's model FLOP/s (6 x matmul params per
 real token plus the causal attention scores, a forward and a backward) and its share of
@@ -67,10 +70,33 @@ CASES = {
   # slots, whose activations stay in this CPU's caches.
   "toy": Case("toy", TOY, 16, 8, 32, 192, "toy", 8),
   "r1_like": Case("r1_like", TOY, 8, 8, 128, 2048, "r1", 16),
+  # The same lengths on a model with R1-Distill's balance of attention and matmul work:
+  # attention FLOPs per attended pair / matmul FLOPs per token = 2 N H / (matmul params per
+  # layer) = 1/15,700 (R1-Distill-1.5B: 1/15,200; the D 64 toy model: 1/384).
+  "r1_proportions": Case(
+    "r1_proportions",
+    TOY.replace(hidden_size=256, intermediate_size=2560),
+    8,
+    8,
+    128,
+    2048,
+    "r1",
+    16,
+  ),  # fmt: skip
 }
 TINY = {
   "toy": Case("toy", TOY.replace(num_layers=1), 4, 4, 32, 64, "toy", 2),
   "r1_like": Case("r1_like", TOY.replace(num_layers=1), 2, 4, 32, 256, "r1", 4),
+  "r1_proportions": Case(
+    "r1_proportions",
+    TOY.replace(num_layers=1, hidden_size=128, intermediate_size=1024),
+    2,
+    4,
+    32,
+    256,
+    "r1",
+    4,
+  ),  # fmt: skip
 }
 
 
