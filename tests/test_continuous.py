@@ -268,6 +268,10 @@ def test_benchmark_tiny_writes_all_keys(tmp_path):
   for row in r["long_tail"]["loops"].values():
     assert row["tokens_identical"], row
   assert r["long_tail"]["loops"]["continuous_8"]["kv_ratio_to_lockstep"] < 1
+  # The reference on its last 2 prompts alone (8 rows, as many as the slots): at the tiny
+  # model's widths XLA's CPU rows round alike for every batch size but 1, so all identical.
+  alone = r["long_tail"]["lockstep_alone"]
+  assert (alone["prompts"], alone["rows"], alone["identical_pairs_frac"]) == (2, 8, 1.0)
 
 
 def test_programs_compile_from_abstract_shapes():

@@ -15,7 +15,9 @@ default hidden 512, 8 layers, vocab 32000, float32) and one set of prompts.
    (best of --reps after a warm-up, the loops interleaved), useful tokens (sum of lengths)
    per second and the ratio to lock-step, slot utilisation (active slot-steps over
    slot-steps; lock-step: sum(len - 1) / (P G (max len - 1))), KV bytes per layer against
-   P*G*(Tp + C) token slots.
+   P*G*(Tp + C) token slots. Also the lock-step loop on its last prompts alone (as many rows
+   as the fewest slots) against the same pairs of its full batch: how far the reference
+   itself is from bitwise independent of the batch around a row.
 2. Tunix (google-tunix 0.1.7, its own venv, a separate process fed the same weights as a
    safetensors directory): fixed length (8 prompts x G 8, 128-token prompts, exactly 128 new
    tokens; greedy and sampled T 1, top-p 1) and the long tail above.
@@ -229,8 +231,26 @@ def long_tail(a, graphdef, state, mcfg) -> dict:
     row["useful_tok_s_vs_lockstep"] /= result["useful_tokens"]
     result["loops"][name] = row
     _log(f"long tail {name}: {row}")
+  result["lockstep_alone"] = lockstep_alone(graphdef, state, prompts, base, a, ref)
+  _log(f"long tail, lock-step on its last prompts alone: {result['lockstep_alone']}")
   result["prompts"] = prompts
   return result
+
+
+def lockstep_alone(graphdef, state, prompts, cfg, a, ref) -> dict:
+  """The reference's own sensitivity to its batch: the lock-step loop on the last n prompts
+  alone (n G rows, as many as the fewest continuous slots; their prompt ids kept), against
+  the same pairs in the full lock-step batch. Identical keys and shapes per row; only the
+  batch around the rows differs."""
+  P, G = len(prompts), a.samples
+  n = max(1, min(P, a.slot_counts[0] // G if a.slot_counts else P // 2))
+  ids = list(range(P - n, P))
+  r = generate(
+    nnx.merge(graphdef, state), prompts[P - n :], cfg, num_samples=G, seed=a.seed, prompt_ids=ids
+  )
+  rows = slice((P - n) * G, P * G)
+  same = (np.asarray(r.completion_tokens_BC) == np.asarray(ref.completion_tokens_BC)[rows]).all(1)
+  return {"prompts": n, "rows": n * G, "identical_pairs_frac": float(same.mean())}
 
 
 def fixed_length(a, graphdef, state) -> dict:
@@ -392,6 +412,12 @@ def table(res: dict) -> str:
       f"{row['useful_tok_s_vs_lockstep']:8.2f} {row['slot_utilisation']:6.1%} "
       f"{row['decode_steps']:6d} {row['kv_bytes_per_layer'] / 2**20:13.2f} "
       f"{row['kv_ratio_to_lockstep']:9.3f} {str(row['tokens_identical']):>12}"
+    )
+  alone = t.get("lockstep_alone")
+  if alone:
+    lines.append(
+      f"lock-step on its last {alone['prompts']} prompts alone ({alone['rows']} rows) against "
+      f"the same pairs in the full batch: {alone['identical_pairs_frac']:.1%} identical"
     )
   lines.append(
     f"fixed length: {c['fixed_prompts']} prompts x G {c['fixed_samples']}, Tp "
