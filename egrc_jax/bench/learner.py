@@ -2,6 +2,7 @@
 own matmul rate, measured in the same run.
 
     python -m egrc_jax.bench.learner [--tiny] [--repeats 5] [--json out.json]
+        [--cases toy,r1_like,r1_proportions] [--micro-batch-rows N]
 
 Three measurements, each the best of `--repeats` timed calls after one compile:
   * matmul: a jitted 2048^3 float32 matmul (2 * 2048^3 FLOP), the machine's own rate,
@@ -202,8 +203,16 @@ def time_layout(case: Case, rollout: Rollout, layout: str, repeats: int) -> dict
   }
 
 
-def run(tiny: bool = False, repeats: int = 5) -> dict:
+def run(
+  tiny: bool = False, repeats: int = 5, names: tuple = (), micro_batch_rows: int | None = None
+) -> dict:
   cases = TINY if tiny else CASES
+  unknown = set(names) - set(cases)
+  if unknown:
+    raise ValueError(f"--cases {sorted(unknown)}: use some of {sorted(cases)}")
+  cases = {k: v for k, v in cases.items() if not names or k in names}
+  if micro_batch_rows is not None:
+    cases = {k: dataclasses.replace(v, micro_batch_rows=micro_batch_rows) for k, v in cases.items()}
   # The matmul rate is measured before, between and after the cases (a shared 2-core VM's
   # rate moves by up to 2x within minutes); shares are taken against the highest.
   rates = [matmul_rate(repeats)]
@@ -257,10 +266,20 @@ def main(argv=None) -> int:
   p.add_argument("--tiny", action="store_true", help="small shapes (seconds; the test suite)")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--json", default="", help="also write the figures here")
+  p.add_argument("--cases", default="", help="comma-separated cases to run (default: all)")
+  p.add_argument(
+    "--micro-batch-rows",
+    type=int,
+    default=None,
+    help="learner rows per micro-batch for every case (0: one micro-batch of every row)",
+  )
   a = p.parse_args(argv)
   if a.repeats < 1:
     raise ValueError(f"--repeats={a.repeats} must be >= 1")
-  r = run(a.tiny, a.repeats)
+  if a.micro_batch_rows is not None and a.micro_batch_rows < 0:
+    raise ValueError(f"--micro-batch-rows={a.micro_batch_rows} must be >= 0")
+  names = tuple(x for x in a.cases.split(",") if x)
+  r = run(a.tiny, a.repeats, names, a.micro_batch_rows)
   print(table(r), flush=True)
   if a.json:
     with open(a.json, "w") as f:
