@@ -50,7 +50,8 @@ def get_config(arg: str | None = None):
   c.optim.warmup_steps = 2
   c.optim.weight_decay = 0.0
   # Gradient micro-batches of 8 learner rows (~1,800 slots): their activations stay in a
-  # CPU's caches, ~1.5x faster per step than one micro-batch of every row (bench.learner).
+  # CPU's caches: 1.7x faster per step than one micro-batch of every row
+  # (`python -m egrc_jax.bench.learner --cases toy [--micro-batch-rows 0]`, docs/trainer.md).
   c.optim.micro_batch_rows = 8
   c.checkpoint.every = 20
   # The evaluation of every model (the pipeline's table, SFT's, the trainer's stage ends) and

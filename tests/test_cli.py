@@ -157,6 +157,8 @@ COMMANDS = [
   ("egrc_jax.toy.sft", ["--workdir=/tmp/t", "--steps=0"], "steps=0"),
   ("egrc_jax.bench.grading", ["--data=/nope"], "not found"),
   ("egrc_jax.bench.sampler", ["--bogus"], "unrecognized arguments"),
+  ("egrc_jax.bench.learner", ["--cases=toy,nope"], "--cases ['nope']: use some of"),
+  ("egrc_jax.bench.learner", ["--micro-batch-rows=-1"], "--micro-batch-rows=-1 must be >= 0"),
   ("egrc_jax.launch_local", ["--num_processes=0", "--", "true"], "num_processes"),
   # The mesh the user's config gives, not one the planner made up (mesh.fsdp=-1 over 15).
   ("egrc_jax.plan.cli", ["--config=configs/r1_distill_7b.py", "--chip=v4", "--num_chips=15"],

@@ -114,14 +114,19 @@ def pack_rows(lengths_B: np.ndarray, S: int) -> tuple[np.ndarray, np.ndarray, in
   return row_B, off_B, len(free)
 
 
+def _next_bucket(b: int) -> int:
+  """1 -> 2 -> 3 -> 4 -> 6 -> 8 -> 12 -> ...: 2^k, then 3 * 2^(k-1) between two powers."""
+  if b < 2:
+    return 2
+  return b + b // 2 if b & (b - 1) == 0 else b // 3 * 4
+
+
 def bucket_rows(needed: int, multiple: int, cap: int) -> int:
-  """The smallest multiple * b >= needed with b in 1, 2, 3, 4, 6, 8, 12, 16, ... (2^k and
-  3 * 2^k: half-octave steps, so at most a third of the rows are empty), at most `cap`
-  (the padded row count)."""
-  m = max(multiple, 1)
-  b = 1
+  """The smallest multiple * b >= needed with b in 1, 2, 3, 4, 6, 8, 12, 16, ... (half-octave
+  steps, so at most a third of the rows are empty), at most `cap` (the padded row count)."""
+  m, b = max(multiple, 1), 1
   while m * b < needed:
-    b = b * 3 // 2 if b & (b - 1) == 0 and b > 1 else (b * 4 // 3 if b % 3 == 0 else b * 2)
+    b = _next_bucket(b)
   return min(m * b, cap)
 
 
