@@ -25,7 +25,9 @@ computations").
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import os
+import signal
 
 import jax
 
@@ -84,6 +86,13 @@ def spec_from_env(env=None) -> ProcessSpec | str | None:
   return "auto" if mode == "auto" else None
 
 
+def dump_stacks_on_sigusr1() -> None:
+  """Print every thread's Python stack to stderr on SIGUSR1 (`launch/local.sh` sends it to a
+  process it is about to stop, so a multi-process hang shows where each rank waited)."""
+  if hasattr(signal, "SIGUSR1"):
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+
+
 def maybe_initialize(env=None) -> bool:
   """Initialise jax.distributed when the environment asks for it; True if it did (or had)."""
   if jax.distributed.is_initialized():
@@ -91,6 +100,7 @@ def maybe_initialize(env=None) -> bool:
   spec = spec_from_env(env)
   if spec is None:
     return False
+  dump_stacks_on_sigusr1()
   jax.config.update("jax_cpu_collectives_implementation", CPU_COLLECTIVES)
   if spec == "auto":
     jax.distributed.initialize()

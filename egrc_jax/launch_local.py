@@ -117,16 +117,31 @@ def run(launch: LocalLaunch, out=None, poll_s: float = 0.1) -> int:
   return status if status >= 0 else 128 - status
 
 
-def _stop(procs, grace_s: float = 5.0) -> None:
+def _stop(procs, grace_s: float = 5.0, dump_s: float = 2.0) -> None:
+  """Stop the processes still running: SIGUSR1 first (a Python process of ours prints every
+  thread's stack on it, `egrc_jax.distributed.dump_stacks_on_sigusr1`, so a hang says where),
+  then SIGTERM, then SIGKILL after grace_s."""
+  running = [p for p in procs if p.poll() is None]
+  for p in running:
+    _signal(p, signal.SIGUSR1)
+  if running:
+    time.sleep(dump_s)
   for p in procs:
     if p.poll() is None:
-      os.killpg(p.pid, signal.SIGTERM)
+      _signal(p, signal.SIGTERM)
   deadline = time.monotonic() + grace_s
   for p in procs:
     try:
       p.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-      os.killpg(p.pid, signal.SIGKILL)
+      _signal(p, signal.SIGKILL)
+
+
+def _signal(p, sig) -> None:
+  try:
+    os.killpg(p.pid, sig)
+  except ProcessLookupError:  # it ended in between
+    pass
 
 
 def dry_run_lines(launch: LocalLaunch) -> list[str]:

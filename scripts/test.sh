@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 python -m pip install --quiet -e ".[test,aot]"
 ruff check egrc_jax tests configs
 ruff format --check egrc_jax tests configs
-python -m pytest -q -n 2 --durations=15 tests "$@"
+python -m pytest -q -n 2 --dist loadgroup --durations=15 tests "$@"

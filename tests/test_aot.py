@@ -16,6 +16,10 @@ import pytest
 from egrc_jax.plan import hlo, topology
 from egrc_jax.plan.topology import parse_oom, slice_spec
 
+# One xdist worker runs this file and tests/test_multihost.py in turn (scripts/test.sh:
+# --dist loadgroup): the libtpu compiles would starve the launched ranks of CPU.
+pytestmark = pytest.mark.xdist_group("heavy")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "r1_distill_1p5b.py")
 # 2 layers at real width; 1 prompt x G=4 = 4 rows = 1 per chip of a v4-8 (fsdp 4); 256-token

@@ -13,7 +13,10 @@ from test_trainer import FAST, ROOT, _final_params, read_metrics, tiny
 
 from egrc_jax.trainer.loop import Trainer
 
-pytestmark = pytest.mark.slow
+# The launched ranks run alongside the other xdist worker: never next to the libtpu compiles
+# of tests/test_aot.py (same group, so one worker runs both files in turn), which starve the
+# ranks of CPU for minutes (scripts/test.sh runs pytest with --dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("heavy")]
 
 
 def launch_two(workdir, overrides: str, timeout=600):
@@ -22,6 +25,9 @@ def launch_two(workdir, overrides: str, timeout=600):
     str(ROOT / "launch" / "local.sh"),
     "--num_processes=2",
     "--devices_per_process=4",
+    # A hung rank is stopped (with every thread's stack printed) before JAX's 300 s shutdown
+    # barrier would abort both ranks without saying where they waited.
+    "--timeout=280",
     "--",
     sys.executable,
     "-m",
@@ -33,8 +39,20 @@ def launch_two(workdir, overrides: str, timeout=600):
   env.pop("XLA_FLAGS", None)  # the launcher sets each process's device count
   env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir or ""
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert out.returncode == 0, failure_text(out)
   return out.stdout
+
+
+def failure_text(out, limit: int = 6000) -> str:
+  """The launch's output without the C++ stack frames of an abort (which would fill the
+  assertion message): the ranks' last lines, and their Python stacks when the launcher
+  stopped a hung rank (SIGUSR1, egrc_jax.distributed.dump_stacks_on_sigusr1)."""
+  lines = [
+    x
+    for x in (out.stdout + out.stderr).splitlines()
+    if not x.lstrip("[0123456789] ").startswith("@ ")
+  ]
+  return "\n".join(lines)[-limit:]
 
 
 def test_two_processes_match_one_and_resume(tmp_path, shared_data):
@@ -81,7 +99,7 @@ def test_two_process_evaluation_matches_one(tmp_path, shared_data):
          "--devices_per_process=4", "--", sys.executable, "-m", "egrc_jax.evaluate", *args,
          f"--workdir={tmp_path / 'two'}"]  # fmt: skip
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert out.returncode == 0, failure_text(out)
 
   def samples(d):
     rows = [json.loads(line) for line in open(tmp_path / d / "samples.jsonl")]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from egrc_jax.toy import pipeline, report
+from egrc_jax.toy import plan as toy_plan
 from egrc_jax.toy import task as T
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -18,7 +19,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("toy")
-  rep = pipeline.main(["--workdir", str(workdir), f"--config={ROOT}/configs/toy.py:quick"])
+  # EE* stands in for EE (the trainer's own tests run the ee arm), and the entropy-conflict
+  # diagnostics run on a few problems, so every section of the report is written.
+  rep = pipeline.main([
+    "--workdir", str(workdir),
+    f"--config={ROOT}/configs/toy.py:quick,pipeline.arms=egrc+ee_star+reverse,"
+    "pipeline.conflict_prompts=4",
+  ])  # fmt: skip
   return workdir, rep
 
 
@@ -27,7 +34,10 @@ def test_quick_pipeline_writes_the_report(quick_run):
   md = (workdir / "report.md").read_text()
   on_disk = json.loads((workdir / "report.json").read_text())
   assert on_disk["table"] == json.loads(json.dumps(rep["table"]))
-  for name, label in report.MODELS:
+  assert [n for n, _ in report.present(rep["seeds"])] == [
+    "sft", "compress_only", "egrc", "ee_star", "reverse"
+  ]  # fmt: skip
+  for name, label in report.present(rep["seeds"]):
     row = rep["table"][name]
     for key in ("accuracy", "mean_length", "length_ratio"):
       assert math.isfinite(row[key]["mean"]), (name, key, row[key])
@@ -59,7 +69,7 @@ def test_curves_and_high_entropy_tokens(quick_run):
   png = workdir / rep["seeds"]["0"]["curves"]
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   curves = json.loads((png.parent / "curves.json").read_text())
-  assert set(curves["runs"]) == set(pipeline.RL_ARMS)
+  assert set(curves["runs"]) == {"egrc", "ee_star", "reverse"}
   # The two-stage arms mark their switch (stage 2 begins at step 2).
   assert [s["step"] for s in curves["runs"]["egrc"]["stage_switches"]] == [0, 2]
   for name in ("sft", "egrc"):
@@ -199,3 +209,34 @@ def test_verdicts_and_spread():
   one = report.verdicts(tab, num_seeds=1, num_test=500)[2]
   assert one["met"] is None and report.status(one) == "not checked" and "--seeds" in one["text"]
   assert report.verdicts(tab, num_seeds=3, num_test=50)[2]["met"] is False
+
+
+def test_ee_star_and_the_conflict_diagnostics(quick_run):
+  workdir, rep = quick_run
+  seed = rep["seeds"]["0"]
+  # EE* = EE trained for EGRC's budget (2 + 2 steps in quick mode) plus 50%.
+  assert seed["rl_results"]["ee_star"]["global_step"] == 6
+  assert seed["rl_results"]["egrc"]["global_step"] == 4
+  d = seed["conflict"]
+  assert d["num_problems"] == 4 and d["group_size"] == 4
+  assert set(d["objectives"]) == {"compression", "accuracy"}
+  for o in d["objectives"].values():
+    assert math.isfinite(o["connector_grad_mean"]) and -1 <= o["pearson_r"] <= 1
+  md = (workdir / "report.md").read_text()
+  assert "## Entropy conflict at the SFT model" in md and "| EE* |" in md
+  for name in ("selected_samples", "entropy_grad_compression", "entropy_grad_accuracy"):
+    assert (workdir / d["plots"] / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pipeline_arms_are_checked():
+  from egrc_jax.trainer.config import load_config_spec
+
+  for bad in ("ee+reverse", "egrc+egrc", "egrc+eee"):
+    with pytest.raises(ValueError, match="pipeline.arms"):
+      toy_plan.toy_plan(load_config_spec(f"{ROOT}/configs/toy.py:pipeline.arms={bad}"))
+  c = load_config_spec(f"{ROOT}/configs/toy.py:conflict")
+  a = toy_plan.arm_config(c, "ee_star", 3, "/tmp/x")
+  assert a.arm == "ee" and a.single.steps == 120 and a.seed == 3  # 1.5 x (40 + 40)
+  assert toy_plan.arm_config(c, "ee", 3, "/tmp/x").single.steps == 80
+  with pytest.raises(ValueError, match="unknown toy arm"):
+    toy_plan.arm_config(c, "nope", 0, "/tmp/x")

@@ -43,12 +43,12 @@ from egrc_jax import cli
 from egrc_jax.analysis import curves, high_entropy
 from egrc_jax.data.chat import load_tokenizer
 from egrc_jax.sampler import generate
-from egrc_jax.toy import hf_check, report
+from egrc_jax.toy import conflict, hf_check, report
 from egrc_jax.toy import task as task_lib
 from egrc_jax.toy import tokenizer as tok_lib
 from egrc_jax.toy.checkpoint import load_sft
 from egrc_jax.toy.evaluate import evaluate, sampling_config
-from egrc_jax.toy.plan import DEFAULT_CONFIG, RL_ARMS, ToyPlan, arm_config, plan_of, toy_parser
+from egrc_jax.toy.plan import DEFAULT_CONFIG, ToyPlan, arm_config, plan_of, toy_parser
 from egrc_jax.toy.sft import run_sft
 from egrc_jax.trainer.checkpoint import restore_params
 
@@ -132,13 +132,13 @@ def final_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
   return workdir / "checkpoints" / str(steps[-1])
 
 
-def load_models(seed_dir: pathlib.Path, egrc_switch: int):
-  """{name: loader} of the five models; each loader returns a Transformer."""
+def load_models(seed_dir: pathlib.Path, egrc_switch: int, arms=("egrc", "ee", "reverse")):
+  """{name: loader} of SFT, compress-only and each RL arm; each loader returns a Transformer."""
   egrc = seed_dir / "egrc"
   return {
     "sft": lambda: load_sft(seed_dir / "sft")[0],
     "compress_only": lambda: restore_params(egrc / "checkpoints" / str(egrc_switch))[1],
-    **{arm: (lambda a=arm: load_sft(seed_dir / a / "hf_final")[0]) for arm in RL_ARMS},
+    **{arm: (lambda a=arm: load_sft(seed_dir / a / "hf_final")[0]) for arm in arms},
   }
 
 
@@ -196,14 +196,15 @@ def run_seed(plan: ToyPlan, workdir: pathlib.Path, seed: int, log: Progress) -> 
     log.timed(f"seed {seed}: SFT ({plan.sft.steps} steps)", run_sft, plan, seed_dir, seed,
               lambda m: log(f"  sft {m}"))  # fmt: skip
   results = {}
-  for arm in RL_ARMS:
+  arms = plan.pipeline.arms
+  for arm in arms:
     results[arm] = log.timed(f"seed {seed}: RL arm {arm}", run_arm, plan, seed_dir, arm, seed)
   switch = switch_step(results["egrc"])
-  models = load_models(seed_dir, switch)
+  models = load_models(seed_dir, switch, arms)
   evals = log.timed(f"seed {seed}: evaluation", evaluate_all, plan, seed_dir, seed, models, log)
   curve_dir = workdir / "curves" / f"seed{seed}"
-  log.timed(f"seed {seed}: curves", curves.run, [str(seed_dir / a) for a in RL_ARMS],
-            str(curve_dir), list(RL_ARMS))  # fmt: skip
+  log.timed(f"seed {seed}: curves", curves.run, [str(seed_dir / a) for a in arms],
+            str(curve_dir), list(arms))  # fmt: skip
   tokens = log.timed(f"seed {seed}: high-entropy tokens", high_entropy_tokens, plan, seed_dir,
                      seed, models, workdir / "high_entropy" / f"seed{seed}")  # fmt: skip
   egrc = seed_dir / "egrc"
@@ -216,6 +217,12 @@ def run_seed(plan: ToyPlan, workdir: pathlib.Path, seed: int, log: Progress) -> 
   log(f"  transformers == sampler on {check['num_prompts']} prompts: {check['all_match']} "
       f"(max |logit diff| {check['max_abs_logit_diff']:.2e})")  # fmt: skip
   rows, _ = curves.read_metrics(str(egrc))
+  diagnostics = {}
+  if plan.pipeline.conflict_prompts:
+    out = workdir / "conflict" / f"seed{seed}"
+    diagnostics = log.timed(f"seed {seed}: entropy-conflict diagnostics", conflict.run_for_seed,
+                            plan, seed_dir, seed, models["sft"](), out)  # fmt: skip
+    diagnostics["plots"] = str(out.relative_to(workdir))
   return {
     "seed": seed,
     "eval": evals,
@@ -229,6 +236,7 @@ def run_seed(plan: ToyPlan, workdir: pathlib.Path, seed: int, log: Progress) -> 
     "hf_check": check,
     "curves": str((curve_dir / "curves.png").relative_to(workdir)),
     "rl_results": results,
+    **({"conflict": diagnostics} if diagnostics else {}),
   }
 
 

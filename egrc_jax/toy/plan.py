@@ -24,7 +24,14 @@ from egrc_jax.toy.task import CotConfig, TaskConfig
 from egrc_jax.trainer.config import finalize, from_section, load_config_spec
 from egrc_jax.trainer.plan import decode_loop_settings
 
-RL_ARMS = ("egrc", "ee", "reverse")
+RL_ARMS = ("egrc", "ee", "reverse")  # the default pipeline.arms
+# Every RL arm the pipeline can train: the trainer's arm of each, and what it is.
+KNOWN_ARMS = {
+  "egrc": "egrc",  # compress, then enhance (its stage-1 end is the compress-only model)
+  "ee": "ee",  # one stage on the entangled reward, both stages' budget (single.steps)
+  "reverse": "reverse",  # enhance, then compress
+  "ee_star": "ee",  # EE* = EE trained longer: pipeline.ee_star_factor x EGRC's budget
+}
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "toy.py")
 
 
@@ -33,8 +40,24 @@ class PipelineConfig:
   seeds: tuple[int, ...] = (0,)  # one run of every phase per seed (SFT seed = RL seed)
   high_entropy_prompts: int = 250  # test problems whose samples feed the high-entropy list
   hf_check_prompts: int = 3  # test prompts of the transformers-vs-sampler export check
+  arms: tuple[str, ...] = RL_ARMS  # RL arms trained per seed (KNOWN_ARMS; egrc is required)
+  ee_star_factor: float = 1.5  # EE*'s steps: this x EGRC's (compress.steps + enhance.steps)
+  # The entropy-conflict diagnostics (Fig. 3a / 3d analogues, toy/conflict.py) of the SFT
+  # model: G samples for each of this many test problems; 0 = off
+  conflict_prompts: int = 0
 
   def __post_init__(self):
+    unknown = [a for a in self.arms if a not in KNOWN_ARMS]
+    if unknown or "egrc" not in self.arms or len(set(self.arms)) != len(self.arms):
+      raise ValueError(
+        f"pipeline.arms={self.arms}: give distinct arms of {tuple(KNOWN_ARMS)}, egrc among "
+        "them (its stage-1 end is the compress-only model)"
+      )
+    if self.ee_star_factor <= 0 or self.conflict_prompts < 0:
+      raise ValueError(
+        f"pipeline.ee_star_factor={self.ee_star_factor} must be > 0 and "
+        f"pipeline.conflict_prompts={self.conflict_prompts} >= 0"
+      )
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):
       raise ValueError(f"pipeline.seeds={self.seeds}: give one or more distinct seeds")
     if self.high_entropy_prompts < 1 or self.hf_check_prompts < 1:
@@ -95,7 +118,12 @@ def arm_config(c: ml_collections.ConfigDict, arm: str, seed: int, seed_dir):
   seed_dir = pathlib.Path(seed_dir)
   a = c.copy_and_resolve_references()
   a.unlock()
-  a.arm, a.seed = arm, seed
+  if arm not in KNOWN_ARMS:
+    raise ValueError(f"unknown toy arm {arm!r}; known: {tuple(KNOWN_ARMS)}")
+  a.arm, a.seed = KNOWN_ARMS[arm], seed
+  if arm == "ee_star":
+    factor = c.pipeline.ee_star_factor
+    a.single.steps = int(round(factor * (c.compress.steps + c.enhance.steps)))
   a.model.hf_path = a.model.tokenizer_path = str(seed_dir / "sft")
   a.data.train_source = str(seed_dir / "data" / "train.jsonl")
   a.data.eval_source = str(seed_dir / "data" / "test.jsonl")
@@ -126,7 +154,17 @@ def quick(c: ml_collections.ConfigDict) -> None:
   c.pipeline.high_entropy_prompts = 50
 
 
-PRESETS = {"quick": quick}
+def conflict(c: ml_collections.ConfigDict) -> None:
+  """The `conflict` preset: the entropy-conflict variant of the task (docs/toy_conflict.md).
+  Two-digit operands up to 40 with values below 100, whose steps the small model gets wrong
+  at a measurable rate unless it re-checks them in columns of one-digit facts
+  (`cot.check_style=column`), so compression costs accuracy. The RL settings are the
+  default toy's."""
+  c.task.update(value_max=99, start_max=30, operand_max=40, times_max=4)
+  c.cot.update(check_style="column", recheck_prob=0.6, max_rechecks=6)
+
+
+PRESETS = {"quick": quick, "conflict": conflict}
 
 
 def toy_parser(prog: str, description: str) -> cli.Parser:

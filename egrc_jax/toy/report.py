@@ -26,6 +26,7 @@ MODELS = (
   ("compress_only", "compress-only"),
   ("egrc", "EGRC"),
   ("ee", "EE"),
+  ("ee_star", "EE*"),
   ("reverse", "reverse order"),
 )
 LABEL = dict(MODELS)
@@ -60,10 +61,15 @@ def spread(values) -> dict:
   }
 
 
+def present(seeds: dict) -> list[tuple[str, str]]:
+  """The (name, label) of MODELS that every seed evaluated (pipeline.arms decides which)."""
+  return [(n, label) for n, label in MODELS if all(n in s["eval"] for s in seeds.values())]
+
+
 def table(seeds: dict) -> dict:
-  """{model: {accuracy, mean_length, length_ratio: spread over seeds}}."""
+  """{model: {accuracy, mean_length, length_ratio: spread over seeds}} of `present` models."""
   out = {}
-  for name, _ in MODELS:
+  for name, _ in present(seeds):
     per = [s["eval"][name] for s in seeds.values()]
     sft = [s["eval"]["sft"]["mean_length"] for s in seeds.values()]
     out[name] = {
@@ -166,7 +172,7 @@ def comparisons(tab: dict, num_seeds: int, num_test: int) -> list[dict]:
   """EE and reverse order against EGRC, by the rule of the module docstring."""
   e_acc, e_ratio = tab["egrc"]["accuracy"]["mean"], tab["egrc"]["length_ratio"]["mean"]
   out = []
-  for name in ("ee", "reverse"):
+  for name in [n for n in ("ee", "ee_star", "reverse") if n in tab]:
     acc, ratio = tab[name]["accuracy"]["mean"], tab[name]["length_ratio"]["mean"]
     tol = accuracy_tolerance((acc + e_acc) / 2, num_test * num_seeds)
     as_accurate = acc >= e_acc - tol
@@ -206,6 +212,8 @@ def _cell(s: dict, fmt: str, n: int) -> str:
 def _main_table(tab: dict, n: int) -> list[str]:
   lines = ["| model | accuracy | mean tokens | length ratio to SFT |", "| --- | --- | --- | --- |"]
   for name, label in MODELS:
+    if name not in tab:
+      continue
     t = tab[name]
     lines.append(
       f"| {label} | {_cell(t['accuracy'], '.3f', n)} | "
@@ -222,7 +230,7 @@ def _seed_table(seeds: dict) -> list[str]:
   ]
   for s in seeds.values():
     base = s["eval"]["sft"]["mean_length"]
-    for name, label in MODELS:
+    for name, label in present(seeds):
       m = s["eval"][name]
       lines.append(
         f"| {s['seed']} | {label} | {m['accuracy']:.3f} | {m['mean_length']:.1f} | "
@@ -313,6 +321,46 @@ def _hf_lines(check: dict) -> list[str]:
   return lines
 
 
+def _conflict_lines(seeds: dict) -> list[str]:
+  """The entropy-conflict diagnostics of each seed's SFT model (toy/conflict.py)."""
+  with_diag = [s for s in seeds.values() if "conflict" in s]
+  if not with_diag:
+    return []
+  d0 = with_diag[0]["conflict"]
+  lines = [
+    "## Entropy conflict at the SFT model (Fig. 3a / Fig. 3d analogues)",
+    "",
+    f"{d0['num_problems']} test problems x G {d0['group_size']} samples at the stage-1 "
+    f"settings (T = {d0['temperature']}, L = {d0['max_new_tokens']}, r = {d0['r']}); "
+    "`egrc_jax/toy/conflict.py` defines every number. Selected samples: compression R > 0 "
+    "(R-weighted), accuracy c = 1. s = mean signed logit gradient on the connector words per "
+    "response token (> 0 raises them), / mean |A| to compare the objectives' scales.",
+    "",
+    "| seed | sample accuracy | r(length, correct) within groups | accuracy shorter / longer "
+    "half | objective | selected | mean tokens | mean entropy | re-checks | r(H, g) | r(H, g) "
+    "active | s | s / mean abs A |",
+    "| --- " * 13 + "|",
+  ]
+  for s in with_diag:
+    d = s["conflict"]
+    for name, o in d["objectives"].items():
+      lines.append(
+        f"| {s['seed']} | {d['accuracy']:.3f} | {d['length_correct_r']:+.3f} | "
+        f"{d['accuracy_shorter_half']:.3f} / {d['accuracy_longer_half']:.3f} | {name} | "
+        f"{o['selected']} | {o['mean_tokens']:.1f} | {o['mean_entropy']:.3f} | "
+        f"{o['mean_rechecks']:.2f} | {o['pearson_r']:.3f} | {o['pearson_r_active']:.3f} | "
+        f"{o['connector_grad_mean']:+.5f} | {o['connector_grad_per_abs_adv']:+.4f} |"
+      )
+  lines.append("")
+  for s in with_diag:
+    p = s["conflict"].get("plots")
+    if p:
+      lines += [f"![seed {s['seed']} selected samples]({p}/selected_samples.png)",
+                f"![seed {s['seed']} compression]({p}/entropy_grad_compression.png)",
+                f"![seed {s['seed']} accuracy]({p}/entropy_grad_accuracy.png)", ""]  # fmt: skip
+  return lines
+
+
 def markdown(rep: dict) -> str:
   st, seeds, n = rep["settings"], rep["seeds"], len(rep["seeds"])
   directions = rep["entropy_directions"]
@@ -355,6 +403,7 @@ def markdown(rep: dict) -> str:
     "",
     *_seed_table(seeds),
     "",
+    *_conflict_lines(seeds),
     "## Policy entropy of the EGRC run",
     "",
     f"Each point is the mean over {ENTROPY_WINDOW} steps: the first steps, the last steps of "
@@ -415,6 +464,8 @@ def headline(rep: dict) -> str:
   """The table and verdicts as plain console lines."""
   out = [f"{'model':15s} {'accuracy':>9s} {'tokens':>8s} {'ratio':>7s}"]
   for name, label in MODELS:
+    if name not in rep["table"]:
+      continue
     t = rep["table"][name]
     out.append(
       f"{label:15s} {t['accuracy']['mean']:9.3f} {t['mean_length']['mean']:8.1f} "

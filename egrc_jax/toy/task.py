@@ -20,7 +20,11 @@ Two solution formats, both in the R1 shape (the chat template's generation promp
     connectors ("wait", "hmm", "so", "therefore", "alternatively", "let me ...") that only
     restate or invert a step already made, and planted slips (a step first computed wrong,
     then "wait , that is wrong ." and the right value).
-  In both, the answer is always computable from the necessary steps alone: the verbose part
+  * verbose, `check_style="column"` (the entropy-conflict variant, docs/toy_conflict.md):
+    problems with two-digit operands (e.g. `task.operand_max=40`); re-checks recompute a
+    step with a two-digit number in columns of one-digit facts ("7 + 8 = 15 , 4 + 3 + 1 =
+    8 , so 47 + 38 = 85"), and such steps are first written wrong with `slip_prob_2d`.
+  In all, the answer is always computable from the necessary steps alone: the verbose part
   is removable.
 
 Train and test are split by a stable hash of the problem text, so they are disjoint by
@@ -68,11 +72,15 @@ class TaskConfig:
 class CotConfig:
   """Knobs of the verbose chain-of-thought generator (all probabilities in [0, 1])."""
 
-  check_style: str = "careful"  # "careful" (recomputing re-checks) | "restate" (restating)
+  # "careful" (recomputing re-checks) | "restate" (restating) | "column" (column arithmetic
+  # for two-digit operands: the entropy-conflict variant, docs/toy_conflict.md)
+  check_style: str = "careful"
   recheck_prob: float = 0.8  # after each step (and each re-check), P(one more re-check)
   max_rechecks: int = 10  # cap on re-checks per solution
   slip_prob: float = 0.1  # P(a step is first written wrong; "careful": from a one-digit value)
-  slip_prob_2d: float = 0.5  # "careful": P(a step from a two-digit value is first written wrong)
+  # "careful": P(a step from a two-digit value is first written wrong); "column": P(a step
+  # with a two-digit number, `hard_step`, is first written wrong)
+  slip_prob_2d: float = 0.5
   fix_prob: float = 1.0  # P(a slip is caught by a re-check and fixed); else carried on
   preamble_prob: float = 0.5  # P("okay , let me work through this step by step .")
   conclusion_prob: float = 0.5  # P("so the final answer is N .") before </think>
@@ -283,16 +291,60 @@ def _flagged_fix(rng, a: int, op: str, b: int, c: int, wrong: int) -> str:
   return f"wait , that is wrong . {_eq(a, op, b, c)} , not {wrong} ."
 
 
+def column_check(
+  rng: np.random.Generator, a: int, op: str, b: int, c: int, wrong: int | None = None
+) -> str:
+  """A re-check of a op b = c in columns, one-digit facts only, for steps with a two-digit
+  number (`hard_step`): add / minus the units, then the tens with the carry or borrow
+  written out ("7 + 8 = 15 , 4 + 3 + 1 = 8 , so 47 + 38 = 85"; "2 - 7 borrows": "12 - 7 = 5
+  , 6 - 3 - 1 = 2 , so 62 - 37 = 25"); times the tens and the units apart, then their sum
+  ("30 * 3 = 90 , 2 * 3 = 6 , 90 + 6 = 96 , so 32 * 3 = 96"). Every number it writes is a
+  one-digit fact's or a copy, so the final restatement can be read off the columns. A
+  one-digit step is restated. `wrong`: the value first written, which the check rejects."""
+  parts = []
+  if hard_step(a, op, b):
+    ua, ta, ub, tb = a % 10, a // 10, b % 10, b // 10
+    if op == "add":
+      carry = (ua + ub) // 10
+      parts.append(f"{ua} + {ub} = {ua + ub}")
+      parts.append(f"{ta} + {tb}" + (" + 1" if carry else "") + f" = {ta + tb + carry}")
+    elif op == "minus":
+      borrow = int(ua < ub)
+      parts.append(f"{ua + 10 * borrow} - {ub} = {ua + 10 * borrow - ub}")
+      parts.append(f"{ta} - {tb}" + (" - 1" if borrow else "") + f" = {ta - tb - borrow}")
+    else:
+      parts += [f"{10 * ta} * {b} = {10 * ta * b}", f"{ua} * {b} = {ua * b}",
+                f"{10 * ta * b} + {ua * b} = {c}"]  # fmt: skip
+  parts.append(("so " if parts else "") + _eq(a, op, b, c))
+  text = check_opener(rng) + " " + " , ".join(parts)
+  return text + (f" , not {wrong} ." if wrong is not None else " .")
+
+
+def hard_step(a: int, op: str, b: int) -> bool:
+  """A step the "column" style treats as hard: a two-digit number in it (add / minus: either
+  operand; times: the multiplicand). Only values below 100 are in columns of two."""
+  return a >= 10 or (op != "times" and b >= 10)
+
+
+def _column_slip(rng: np.random.Generator, c: int) -> int:
+  """A wrong result of a column step: a units digit off by 1 or 2, or a carry or borrow
+  missed (off by 10); never negative."""
+  deltas = [d for d in (-10, -2, -1, 1, 2, 10) if c + d >= 0]
+  return c + deltas[int(rng.integers(len(deltas)))]
+
+
 class _Style(NamedTuple):
   slip: Callable[..., int]  # (rng, c) -> a wrong result
   fix: Callable[..., str]  # (rng, a, op, b, c, wrong) -> the re-check that catches it
   recheck: Callable[..., str]  # (rng, a, op, b, c) -> a re-check of a right step
-  two_digit_slips: bool  # steps from a two-digit value slip with slip_prob_2d
+  # (a, op, b) -> whether the step slips with slip_prob_2d (else slip_prob); None: never
+  hard: Callable[..., bool] | None
 
 
 _STYLES = {
-  "careful": _Style(_units_slip, careful_check, careful_check, True),
-  "restate": _Style(_slip, _flagged_fix, _recheck, False),
+  "careful": _Style(_units_slip, careful_check, careful_check, lambda a, op, b: a >= 10),
+  "restate": _Style(_slip, _flagged_fix, _recheck, None),
+  "column": _Style(_column_slip, column_check, column_check, hard_step),
 }
 CHECK_STYLES = tuple(_STYLES)
 
@@ -313,7 +365,8 @@ def verbose_cot(p: Problem, rng: np.random.Generator, cfg: CotConfig) -> tuple[s
   v, rechecks = p.start, 0
   for op, b in p.ops:
     c = apply_op(v, op, b)
-    if rng.random() < (cfg.slip_prob_2d if style.two_digit_slips and v >= 10 else cfg.slip_prob):
+    hard = style.hard is not None and style.hard(v, op, b)
+    if rng.random() < (cfg.slip_prob_2d if hard else cfg.slip_prob):
       wrong = style.slip(rng, c)
       parts.append(_eq(v, op, b, wrong) + " .")
       if rng.random() < cfg.fix_prob:
