@@ -4,6 +4,7 @@ processes doing cross-process reductions (tests/dist_program.py)."""
 
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -314,6 +315,24 @@ def test_local_launcher_failure_stops_the_others():
   assert time.monotonic() - t0 < 20  # the sleepers were terminated, not waited for
   assert {f"[{i}] up {i}" for i in range(3)} <= set(r.stdout.splitlines())
   assert "[launch] stopping the remaining processes (exit status 5)" in r.stdout
+
+
+def test_local_launcher_timeout_prints_the_stacks_of_hung_ranks():
+  # A rank of ours registers the SIGUSR1 stack dump (egrc_jax.distributed); the launcher sends
+  # it before stopping the processes, so a hang says where each rank waited.
+  code = (
+    "import time; from egrc_jax import distributed; distributed.dump_stacks_on_sigusr1();"
+    " print('up', flush=True)\ndef wait_here():\n  time.sleep(60)\nwait_here()"
+  )
+  t0 = time.monotonic()
+  r = sh(LAUNCH / "local.sh", "--num_processes=2", "--timeout=5", "--", sys.executable, "-c",
+         code)  # fmt: skip
+  assert r.returncode == 124, r.stdout
+  assert time.monotonic() - t0 < 30
+  assert "[launch] stopping the remaining processes (timeout 5.0s)" in r.stdout
+  for rank in (0, 1):
+    assert f"[{rank}] up" in r.stdout
+    assert re.search(rf"^\[{rank}\] .*line 3 in wait_here$", r.stdout, re.M), r.stdout
 
 
 def test_local_launcher_two_processes_psum():
