@@ -1,6 +1,8 @@
-"""The entropy-conflict variant of the toy task (configs/toy.py:conflict) and its
-diagnostics (egrc_jax/toy/conflict.py), against hand-derived values."""
+"""The column-arithmetic re-checks of the toy task (cot.check_style=column, a design tried
+for the entropy-conflict variant: docs/toy_conflict.md), the `conflict` preset, and the
+entropy-conflict diagnostics (egrc_jax/toy/conflict.py), against hand-derived values."""
 
+import pathlib
 import re
 
 import numpy as np
@@ -10,7 +12,7 @@ from egrc_jax import losses
 from egrc_jax.toy import conflict
 from egrc_jax.toy import task as T
 
-CONFLICT_TASK = T.TaskConfig(value_max=99, start_max=30, operand_max=40, times_max=4)
+COLUMN_TASK = T.TaskConfig(value_max=99, start_max=30, operand_max=40, times_max=4)
 
 
 def _body(*step):
@@ -44,7 +46,7 @@ def _true(m) -> bool:
 def test_column_checks_are_true_and_catch_every_slip():
   """Every equation a column solution writes is true except a slipped first computation; each
   slip is on a hard step and is followed by the check that rejects it."""
-  train, _ = T.make_splits(CONFLICT_TASK, 300, 10, seed=0)
+  train, _ = T.make_splits(COLUMN_TASK, 300, 10, seed=0)
   cfg = T.CotConfig(check_style="column", slip_prob=0.0, slip_prob_2d=0.5)
   rng = np.random.default_rng(1)
   slips = 0
@@ -72,8 +74,8 @@ def test_column_checks_are_true_and_catch_every_slip():
   assert slips > 100
 
 
-def test_conflict_problems_have_two_digit_operands():
-  train, _ = T.make_splits(CONFLICT_TASK, 500, 10, seed=0)
+def test_column_task_has_two_digit_operands():
+  train, _ = T.make_splits(COLUMN_TASK, 500, 10, seed=0)
   steps = [
     (v, op, b) for p in train for v, (op, b) in zip([p.start, *p.values[:-1]], p.ops, strict=True)
   ]
@@ -81,6 +83,21 @@ def test_conflict_problems_have_two_digit_operands():
   two_digit = [b >= 10 for _, op, b in steps if op != "times"]
   assert np.mean(two_digit) > 0.5
   assert np.mean([T.hard_step(*s) for s in steps]) > 0.6
+
+
+def test_conflict_preset_starts_most_chains_from_two_digit_values():
+  from egrc_jax.toy.plan import toy_plan
+  from egrc_jax.trainer.config import load_config_spec
+
+  plan = toy_plan(
+    load_config_spec(str(pathlib.Path(__file__).parents[1] / "configs" / "toy.py") + ":conflict")
+  )
+  assert plan.task == T.TaskConfig(start_max=30) and plan.cot == T.CotConfig()
+  assert plan.pipeline.arms == ("egrc", "ee", "ee_star", "reverse")
+  assert plan.pipeline.conflict_prompts == 100
+  train, _ = T.make_splits(plan.task, 1000, 10, seed=0)
+  steps = [v for p in train for v in [p.start, *p.values[:-1]]]
+  assert 0.7 < np.mean([v >= 10 for v in steps]) < 0.8  # the default task: ~0.23
 
 
 def test_token_statistics_match_the_learner():
