@@ -94,7 +94,7 @@ def test_conflict_preset_starts_most_chains_from_two_digit_values():
   )
   assert plan.task == T.TaskConfig(start_max=30) and plan.cot == T.CotConfig()
   assert plan.pipeline.arms == ("egrc", "ee", "ee_star", "reverse")
-  assert plan.pipeline.conflict_prompts == 100
+  assert plan.pipeline.conflict_prompts == 100 and plan.config.rollout.max_new_tokens == 320
   train, _ = T.make_splits(plan.task, 1000, 10, seed=0)
   steps = [v for p in train for v in [p.start, *p.values[:-1]]]
   assert 0.7 < np.mean([v >= 10 for v in steps]) < 0.8  # the default task: ~0.23

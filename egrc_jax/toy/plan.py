@@ -160,9 +160,13 @@ def conflict(c: ml_collections.ConfigDict) -> None:
   (task.start_max; the default 9), so about three steps in four start from a two-digit value:
   the steps the small model computes right only about half the time when it writes them
   directly, and reliably when it re-checks them from one-digit facts. Compression then costs
-  accuracy. Every arm of the report runs (EE* included) and the SFT model's entropy-conflict
-  diagnostics are reported; every other setting is the default toy's."""
+  accuracy. The SFT model writes ~225 tokens here, so the RL length limit L is 320 (at the
+  default 192 more than half of its stage-1 samples were cut off, and then both objectives
+  prefer short samples for that reason alone). Every arm of the report runs (EE* included)
+  and the SFT model's entropy-conflict diagnostics are reported; every other setting is the
+  default toy's."""
   c.task.start_max = 30
+  c.rollout.max_new_tokens = 320
   c.pipeline.arms = ("egrc", "ee", "ee_star", "reverse")
   c.pipeline.conflict_prompts = 100
 
