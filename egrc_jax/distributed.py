@@ -10,6 +10,11 @@ Which case applies is read from the environment, so the same command runs everyw
   `launch/tpu.sh run` on every worker.
 - neither: one process, nothing to do.
 
+`EGRC_SHUTDOWN_TIMEOUT_S=S` (optional, either multi-process case): how long a rank that ends
+waits at JAX's shutdown barrier for the others (JAX's default: 300 s; then every rank
+aborts). The multi-process tests raise it above the launcher's own timeout, so that a rank
+that hangs is stopped by `launch/local.sh`, which prints its stacks first.
+
 CPU collectives across processes (JAX 0.10.2): a CPU client only gets cross-process
 collectives when `jax.distributed` is initialised *before* the CPU backend is created; then
 `xla_bridge.make_cpu_client` builds them from `jax_cpu_collectives_implementation`, whose
@@ -35,6 +40,7 @@ ENV_COORDINATOR = "EGRC_COORDINATOR"
 ENV_NUM_PROCESSES = "EGRC_NUM_PROCESSES"
 ENV_PROCESS_ID = "EGRC_PROCESS_ID"
 ENV_AUTO = "EGRC_DISTRIBUTED"
+ENV_SHUTDOWN_TIMEOUT = "EGRC_SHUTDOWN_TIMEOUT_S"
 CPU_COLLECTIVES = "gloo"
 
 
@@ -93,6 +99,17 @@ def dump_stacks_on_sigusr1() -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
 
 
+def shutdown_timeout(env) -> int:
+  """EGRC_SHUTDOWN_TIMEOUT_S as a positive number of seconds (ValueError naming the fix)."""
+  value = env.get(ENV_SHUTDOWN_TIMEOUT, "").strip()
+  if not value.isdigit() or int(value) < 1:
+    raise ValueError(
+      f"{ENV_SHUTDOWN_TIMEOUT}={value!r} must be a whole number of seconds >= 1, or unset "
+      "(JAX's default: 300)"
+    )
+  return int(value)
+
+
 def maybe_initialize(env=None) -> bool:
   """Initialise jax.distributed when the environment asks for it; True if it did (or had)."""
   if jax.distributed.is_initialized():
@@ -101,13 +118,18 @@ def maybe_initialize(env=None) -> bool:
   if spec is None:
     return False
   dump_stacks_on_sigusr1()
+  extra = {}
+  env = os.environ if env is None else env
+  if env.get(ENV_SHUTDOWN_TIMEOUT):
+    extra["shutdown_timeout_seconds"] = shutdown_timeout(env)
   jax.config.update("jax_cpu_collectives_implementation", CPU_COLLECTIVES)
   if spec == "auto":
-    jax.distributed.initialize()
+    jax.distributed.initialize(**extra)
   else:
     jax.distributed.initialize(
       coordinator_address=spec.coordinator,
       num_processes=spec.num_processes,
       process_id=spec.process_id,
+      **extra,
     )
   return True

@@ -19,15 +19,16 @@ from egrc_jax.trainer.loop import Trainer
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("heavy")]
 
 
-def launch_two(workdir, overrides: str, timeout=600):
+def launch_two(workdir, overrides: str, timeout=700):
   cmd = [
     "bash",
     str(ROOT / "launch" / "local.sh"),
     "--num_processes=2",
     "--devices_per_process=4",
-    # A hung rank is stopped (with every thread's stack printed) before JAX's 300 s shutdown
-    # barrier would abort both ranks without saying where they waited.
-    "--timeout=280",
+    # A hung rank is stopped, with every thread's stack printed, by the launcher: the ranks'
+    # shutdown barrier waits longer (EGRC_SHUTDOWN_TIMEOUT_S below; JAX's default 300 s
+    # would abort both ranks first without saying where they waited).
+    "--timeout=560",
     "--",
     sys.executable,
     "-m",
@@ -38,6 +39,7 @@ def launch_two(workdir, overrides: str, timeout=600):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # the launcher sets each process's device count
   env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir or ""
+  env["EGRC_SHUTDOWN_TIMEOUT_S"] = "900"
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
   assert out.returncode == 0, failure_text(out)
   return out.stdout

@@ -1,7 +1,7 @@
 """Entropy-conflict diagnostics of a toy model: the Fig. 3a and Fig. 3d analogues.
 
-    python -m egrc_jax.toy.conflict --workdir=runs/toy_conflict/seed0 \\
-        [--config=configs/toy.py:conflict] [--model=sft] [--prompts=100] [--out=DIR]
+    python -m egrc_jax.toy.conflict --workdir=runs/conflict_design/seed0 \\
+        --config=configs/toy.py:conflict [--model=sft|ARM] [--prompts=100] [--out=DIR]
 
 On G samples of each of P held-out problems (the stage-1 rollout settings: G =
 rollout.num_samples, T = compress.temperature, L = rollout.max_new_tokens), the two objectives
