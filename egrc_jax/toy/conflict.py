@@ -157,7 +157,8 @@ def diagnose(model, tokenizer, problems, *, num_samples: int, temperature: float
   correct_B = np.array([is_correct(t, a) for t, a in zip(texts, answers, strict=True)], bool)
   lengths_B = np.asarray(rollout.lengths_B)
   trunc_B = np.asarray(rollout.truncated_B, bool)
-  checks_B = np.array([t.count(" let me ") for t in texts])  # one per re-check opener
+  # " let me " opens each re-check (and the optional preamble, which adds one)
+  checks_B = np.array([t.count(" let me ") for t in texts])
   arrays = token_arrays(model, rollout, temperature)
   stats = token_statistics(arrays["p_BCV"], arrays["tokens_BC"])
   mask = arrays["mask_BC"]
