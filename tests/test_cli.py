@@ -155,6 +155,8 @@ COMMANDS = [
   ("egrc_jax.release", ["--run=/nope", "--out=/tmp/r"], "is not a model"),
   ("egrc_jax.toy.pipeline", ["--workdir=/tmp/t", "--seeds=a"], "--seeds='a'"),
   ("egrc_jax.toy.sft", ["--workdir=/tmp/t", "--steps=0"], "steps=0"),
+  ("egrc_jax.toy.conflict", ["--workdir=/tmp/t/seed0"], "no model at"),
+  ("egrc_jax.toy.conflict", ["--workdir=/tmp/t/seed0", "--prompts=0"], "--prompts=0 must be >= 1"),
   ("egrc_jax.bench.grading", ["--data=/nope"], "not found"),
   ("egrc_jax.bench.sampler", ["--bogus"], "unrecognized arguments"),
   ("egrc_jax.bench.learner", ["--cases=toy,nope"], "--cases ['nope']: use some of"),
