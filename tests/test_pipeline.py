@@ -234,6 +234,9 @@ def test_pipeline_arms_are_checked():
   for bad in ("ee+reverse", "egrc+egrc", "egrc+eee"):
     with pytest.raises(ValueError, match="pipeline.arms"):
       toy_plan.toy_plan(load_config_spec(f"{ROOT}/configs/toy.py:pipeline.arms={bad}"))
+  for bad in ("pipeline.ee_star_factor=0", "pipeline.conflict_prompts=-1"):
+    with pytest.raises(ValueError, match=bad.split("=")[0]):
+      toy_plan.toy_plan(load_config_spec(f"{ROOT}/configs/toy.py:{bad}"))
   c = load_config_spec(f"{ROOT}/configs/toy.py:conflict")
   a = toy_plan.arm_config(c, "ee_star", 3, "/tmp/x")
   assert a.arm == "ee" and a.single.steps == 120 and a.seed == 3  # 1.5 x (40 + 40)

@@ -27,7 +27,7 @@ policy at the sampling temperature and a_t the sampled token,
         (d/dz of A log p_t(a_t), summed over the connector words' logits: > 0 raises the
          connectors' probability at t, < 0 lowers it)
 Reported per objective: Pearson r(H, g) over all response tokens and over the tokens with
-A != 0; the mean of s_t over all response tokens, and that mean divided by the mean |A| (so
+A != 0 (and over all with the sampler's T = 1 entropy for H); the mean of s_t over all response tokens, and that mean divided by the mean |A| (so
 that the two objectives' scales compare). Opposite signs of s under the two objectives are
 the entropy conflict of the paper: one objective pushes connectors down, the other up.
 """
@@ -40,6 +40,7 @@ if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -165,7 +166,14 @@ def diagnose(model, tokenizer, problems, *, num_samples: int, temperature: float
   ent_B = np.where(mask, stats["entropy_BC"], 0).sum(1) / np.maximum(mask.sum(1), 1)
   conn = connector_ids(tokenizer)
   P = len(problems)
-  reward_B = compression_reward(correct_B, lengths_B, trunc_B, P, G, max_new_tokens, r)
+  adv_B = {
+    name: entropy_grad.advantages_PG(
+      adv_name, correct_B.reshape(P, G), lengths_B.reshape(P, G), trunc_B.reshape(P, G),
+      max_new_tokens, r,
+    ).reshape(-1)
+    for name, adv_name in OBJECTIVES
+  }  # fmt: skip
+  reward_B = adv_B["compression"]  # A = R: the compression objective's own weights
   out = {
     "num_problems": P, "group_size": G, "temperature": temperature,
     "max_new_tokens": max_new_tokens, "r": r, "accuracy": float(correct_B.mean()),
@@ -173,20 +181,18 @@ def diagnose(model, tokenizer, problems, *, num_samples: int, temperature: float
     **within_group(lengths_B.reshape(P, G), correct_B.reshape(P, G)),
     "objectives": {},
   }  # fmt: skip
-  for name, adv_name in OBJECTIVES:
-    adv_PG = entropy_grad.advantages_PG(
-      adv_name, correct_B.reshape(P, G), lengths_B.reshape(P, G), trunc_B.reshape(P, G),
-      max_new_tokens, r,
-    )  # fmt: skip
-    adv_B = adv_PG.reshape(-1)
-    grad_BC = np.abs(adv_B)[:, None] * stats["dist_BC"]
-    corr = entropy_grad.token_table(stats["entropy_BC"], stats["entropy_BC"], grad_BC, adv_B, mask)
-    weight_B = reward_B if adv_name == "egrc_compress" else correct_B.astype(float)
+  ent1_BC = np.asarray(rollout.entropy_BC)  # the sampler's T = 1 entropy
+  for name, _ in OBJECTIVES:
+    adv = adv_B[name]
+    grad_BC = np.abs(adv)[:, None] * stats["dist_BC"]
+    corr = entropy_grad.token_table(stats["entropy_BC"], ent1_BC, grad_BC, adv, mask)
+    weight_B = reward_B if name == "compression" else correct_B.astype(float)
     out["objectives"][name] = {
       "pearson_r": corr["pearson_r"],
       "pearson_r_active": corr["pearson_r_active"],
+      "pearson_r_entropy_t1": corr["pearson_r_entropy_t1"],
       "active_tokens": corr["num_active_tokens"],
-      **connector_gradient(adv_B, arrays["p_BCV"], arrays["tokens_BC"], mask, conn),
+      **connector_gradient(adv, arrays["p_BCV"], arrays["tokens_BC"], mask, conn),
       **selected(weight_B, lengths_B, ent_B, checks_B),
     }
     if out_dir is not None:
@@ -199,13 +205,6 @@ def diagnose(model, tokenizer, problems, *, num_samples: int, temperature: float
     _plot_selected(pathlib.Path(out_dir) / "selected_samples.png", out, lengths_B, ent_B,
                    correct_B, reward_B)  # fmt: skip
   return out
-
-
-def compression_reward(correct_B, lengths_B, trunc_B, P, G, L, r) -> np.ndarray:
-  """The compression reward R [B] of each sample."""
-  return entropy_grad.advantages_PG(
-    "egrc_compress", correct_B.reshape(P, G), lengths_B.reshape(P, G), trunc_B.reshape(P, G), L, r
-  ).reshape(-1)
 
 
 def _plot_selected(path, summary, lengths_B, ent_B, correct_B, reward_B) -> None:
@@ -266,8 +265,6 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   if args.prompts < 1:
     parser.error(f"--prompts={args.prompts} must be >= 1")
-  import dataclasses
-
   plan = plan_of(args)
   plan = dataclasses.replace(
     plan, pipeline=dataclasses.replace(plan.pipeline, conflict_prompts=args.prompts)
@@ -276,6 +273,7 @@ def main(argv=None) -> dict:
   path = seed_dir / ("sft" if args.model == "sft" else f"{args.model}/hf_final")
   if not (path / "config.json").is_file():
     raise cli.UserError(f"no model at {path}: run the pipeline for this seed first")
+  # The pipeline's seed directories are named seed<S>; S seeds the sampler as in the pipeline.
   seed = int(seed_dir.name[4:]) if seed_dir.name[4:].isdigit() else 0
   out = args.out or str(seed_dir / f"conflict_{args.model}")
   summary = run_for_seed(plan, seed_dir, seed, load_sft(path)[0], out)

@@ -48,7 +48,7 @@ from egrc_jax.toy import task as task_lib
 from egrc_jax.toy import tokenizer as tok_lib
 from egrc_jax.toy.checkpoint import load_sft
 from egrc_jax.toy.evaluate import evaluate, sampling_config
-from egrc_jax.toy.plan import DEFAULT_CONFIG, ToyPlan, arm_config, plan_of, toy_parser
+from egrc_jax.toy.plan import DEFAULT_CONFIG, RL_ARMS, ToyPlan, arm_config, plan_of, toy_parser
 from egrc_jax.toy.sft import run_sft
 from egrc_jax.trainer.checkpoint import restore_params
 
@@ -132,7 +132,7 @@ def final_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
   return workdir / "checkpoints" / str(steps[-1])
 
 
-def load_models(seed_dir: pathlib.Path, egrc_switch: int, arms=("egrc", "ee", "reverse")):
+def load_models(seed_dir: pathlib.Path, egrc_switch: int, arms=RL_ARMS):
   """{name: loader} of SFT, compress-only and each RL arm; each loader returns a Transformer."""
   egrc = seed_dir / "egrc"
   return {

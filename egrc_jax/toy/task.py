@@ -20,7 +20,8 @@ Two solution formats, both in the R1 shape (the chat template's generation promp
     connectors ("wait", "hmm", "so", "therefore", "alternatively", "let me ...") that only
     restate or invert a step already made, and planted slips (a step first computed wrong,
     then "wait , that is wrong ." and the right value).
-  * verbose, `check_style="column"` (the entropy-conflict variant, docs/toy_conflict.md):
+  * verbose, `check_style="column"` (tried for the entropy-conflict variant and kept as an
+    option; the default SFT model cannot run these checks, docs/toy_conflict.md):
     problems with two-digit operands (e.g. `task.operand_max=40`); re-checks recompute a
     step with a two-digit number in columns of one-digit facts ("7 + 8 = 15 , 4 + 3 + 1 =
     8 , so 47 + 38 = 85"), and such steps are first written wrong with `slip_prob_2d`.
@@ -73,7 +74,7 @@ class CotConfig:
   """Knobs of the verbose chain-of-thought generator (all probabilities in [0, 1])."""
 
   # "careful" (recomputing re-checks) | "restate" (restating) | "column" (column arithmetic
-  # for two-digit operands: the entropy-conflict variant, docs/toy_conflict.md)
+  # for two-digit operands, tried for the entropy-conflict variant: docs/toy_conflict.md)
   check_style: str = "careful"
   recheck_prob: float = 0.8  # after each step (and each re-check), P(one more re-check)
   max_rechecks: int = 10  # cap on re-checks per solution
@@ -326,13 +327,6 @@ def hard_step(a: int, op: str, b: int) -> bool:
   return a >= 10 or (op != "times" and b >= 10)
 
 
-def _column_slip(rng: np.random.Generator, c: int) -> int:
-  """A wrong result of a column step: a units digit off by 1 or 2, or a carry or borrow
-  missed (off by 10); never negative."""
-  deltas = [d for d in (-10, -2, -1, 1, 2, 10) if c + d >= 0]
-  return c + deltas[int(rng.integers(len(deltas)))]
-
-
 class _Style(NamedTuple):
   slip: Callable[..., int]  # (rng, c) -> a wrong result
   fix: Callable[..., str]  # (rng, a, op, b, c, wrong) -> the re-check that catches it
@@ -344,7 +338,7 @@ class _Style(NamedTuple):
 _STYLES = {
   "careful": _Style(_units_slip, careful_check, careful_check, lambda a, op, b: a >= 10),
   "restate": _Style(_slip, _flagged_fix, _recheck, None),
-  "column": _Style(_column_slip, column_check, column_check, hard_step),
+  "column": _Style(_slip, column_check, column_check, hard_step),
 }
 CHECK_STYLES = tuple(_STYLES)
 
