@@ -27,7 +27,8 @@ policy at the sampling temperature and a_t the sampled token,
         (d/dz of A log p_t(a_t), summed over the connector words' logits: > 0 raises the
          connectors' probability at t, < 0 lowers it)
 Reported per objective: Pearson r(H, g) over all response tokens and over the tokens with
-A != 0 (and over all with the sampler's T = 1 entropy for H); the mean of s_t over all response tokens, and that mean divided by the mean |A| (so
+A != 0 (and over all with the sampler's T = 1 entropy for H); the mean of s_t over all
+response tokens, and that mean divided by the mean |A| (so
 that the two objectives' scales compare). Opposite signs of s under the two objectives are
 the entropy conflict of the paper: one objective pushes connectors down, the other up.
 """
