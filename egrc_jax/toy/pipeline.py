@@ -12,6 +12,9 @@ pipeline.seeds. Per seed S, under DIR/seed<S>/:
       (`toy.plan.arm_config`; a re-run resumes from their checkpoints; a finished arm, with
       hf_final/ and results.json, is skipped), each exporting its final model to hf_final/
   eval.json              every model's evaluation (cached: a re-run does not repeat it)
+  seed_result.json       the seed's part of the report, with the settings it was run with: a
+      re-run with the same settings (any --seeds) reads it, so seeds run in separate processes
+      on one DIR are combined by a last run with every seed
 and DIR/report.md, DIR/report.json, DIR/curves/seed<S>/curves.png, DIR/high_entropy/seed<S>/.
 
 Compress-only is not a separate run: EGRC's first stage *is* the compress arm with the same
@@ -187,9 +190,47 @@ def high_entropy_tokens(plan: ToyPlan, seed_dir, seed, models, out: pathlib.Path
   return summaries
 
 
+def seed_key(plan: ToyPlan) -> dict:
+  """What a seed's result depends on: every setting but the list of seeds."""
+  key = settings_of(plan, "")
+  del key["config"], key["seeds"]
+  pipeline = dataclasses.asdict(plan.pipeline)
+  del pipeline["seeds"]
+  return json.loads(json.dumps(key | {"pipeline": pipeline}))
+
+
 def run_seed(plan: ToyPlan, workdir: pathlib.Path, seed: int, log: Progress) -> dict:
+  """One seed's phases and its part of the report; cached in DIR/seed<S>/seed_result.json."""
   seed_dir = workdir / f"seed{seed}"
   seed_dir.mkdir(parents=True, exist_ok=True)
+  cached = seed_dir / "seed_result.json"
+  key = seed_key(plan)
+  if cached.is_file():
+    saved = json.loads(cached.read_text())
+    if saved.get("key") == key:
+      log(f"seed {seed}: every phase done with these settings ({cached}), read")
+      return saved["result"]
+  result = seed_phases(plan, workdir, seed_dir, seed, log)
+  try:
+    text = json.dumps({"key": key, "result": result}, indent=1, default=_plain)
+  except TypeError as e:  # the report still gets the result; only the cache is skipped
+    log(f"seed {seed}: result not cached ({e})")
+  else:
+    cached.write_text(text + "\n")
+  return result
+
+
+def _plain(value):
+  """JSON for the numpy values in a seed's result; anything else is refused (not cached)."""
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def seed_phases(plan: ToyPlan, workdir: pathlib.Path, seed_dir: pathlib.Path, seed: int,
+                log: Progress) -> dict:  # fmt: skip
   if (seed_dir / "sft" / "config.json").is_file():
     log(f"seed {seed}: SFT found in {seed_dir / 'sft'}, skipped")
   else:
