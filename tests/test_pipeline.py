@@ -243,3 +243,35 @@ def test_pipeline_arms_are_checked():
   assert toy_plan.arm_config(c, "ee", 3, "/tmp/x").single.steps == 80
   with pytest.raises(ValueError, match="unknown toy arm"):
     toy_plan.arm_config(c, "nope", 0, "/tmp/x")
+
+
+def test_a_rerun_reads_each_seeds_cached_result(quick_run, capsys):
+  workdir, rep = quick_run
+  saved = json.loads((workdir / "seed0" / "seed_result.json").read_text())
+  assert saved["result"] == json.loads(json.dumps(rep["seeds"]["0"]))
+  capsys.readouterr()
+  again = pipeline.main([
+    "--workdir", str(workdir), "--seeds=0",
+    f"--config={ROOT}/configs/toy.py:quick,pipeline.arms=egrc+ee_star+reverse,"
+    "pipeline.conflict_prompts=4",
+  ])  # fmt: skip
+  out = capsys.readouterr().out
+  assert "seed 0: every phase done with these settings" in out
+  assert "RL arm" not in out and "evaluation" not in out  # no phase ran again
+  assert json.loads(json.dumps(again["table"])) == json.loads(json.dumps(rep["table"]))
+
+
+def test_the_seed_cache_key_ignores_only_the_seed_list():
+  from egrc_jax.trainer.config import load_config_spec
+
+  def plan(spec, seeds):
+    p = toy_plan.toy_plan(load_config_spec(f"{ROOT}/configs/toy.py:{spec}"))
+    return pipeline.dataclasses.replace(
+      p, pipeline=pipeline.dataclasses.replace(p.pipeline, seeds=seeds)
+    )
+
+  key = pipeline.seed_key(plan("conflict", (3,)))
+  assert key == pipeline.seed_key(plan("conflict", (3, 4, 5)))
+  for changed in ("rollout.max_new_tokens=300", "pipeline.arms=egrc",
+                  "pipeline.conflict_prompts=7", "task.start_max=20"):  # fmt: skip
+    assert pipeline.seed_key(plan(f"conflict,{changed}", (3,))) != key, changed
