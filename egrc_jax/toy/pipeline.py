@@ -215,8 +215,10 @@ def run_seed(plan: ToyPlan, workdir: pathlib.Path, seed: int, log: Progress) -> 
     text = json.dumps({"key": key, "result": result}, indent=1, default=_plain)
   except TypeError as e:  # the report still gets the result; only the cache is skipped
     log(f"seed {seed}: result not cached ({e})")
-  else:
-    cached.write_text(text + "\n")
+  else:  # written whole, then renamed: an interrupted write leaves no half file
+    tmp = cached.with_suffix(".json.tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(cached)
   return result
 
 
