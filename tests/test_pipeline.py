@@ -1,6 +1,7 @@
 """The toy reproduction pipeline end to end (the `quick` preset: tiny SFT, 2 RL steps per
 stage, 50 test problems), so a regression in any phase breaks the suite; and its report's rules."""
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -266,9 +267,7 @@ def test_the_seed_cache_key_ignores_only_the_seed_list():
 
   def plan(spec, seeds):
     p = toy_plan.toy_plan(load_config_spec(f"{ROOT}/configs/toy.py:{spec}"))
-    return pipeline.dataclasses.replace(
-      p, pipeline=pipeline.dataclasses.replace(p.pipeline, seeds=seeds)
-    )
+    return dataclasses.replace(p, pipeline=dataclasses.replace(p.pipeline, seeds=seeds))
 
   key = pipeline.seed_key(plan("conflict", (3,)))
   assert key == pipeline.seed_key(plan("conflict", (3, 4, 5)))

@@ -27,6 +27,11 @@ from egrc_jax.toy import report
 NEEDED = ("sft", "compress_only", "egrc", "ee", "ee_star", "reverse")
 
 
+def _band(acc_a: float, acc_b: float, n: int) -> float:
+  """The report's noise band of a difference of two accuracies, each over n samples."""
+  return report.accuracy_tolerance((acc_a + acc_b) / 2, n)
+
+
 def _check(name: str, met: bool, text: str) -> dict:
   return {"prediction": name, "met": bool(met), "text": text}
 
@@ -46,7 +51,7 @@ def evaluate(rep: dict) -> dict:
   ratio = {m: tab[m]["length_ratio"]["mean"] for m in NEEDED}
 
   def band(a: str, b: str) -> float:
-    return report.accuracy_tolerance((acc[a] + acc[b]) / 2, n)
+    return _band(acc[a], acc[b], n)
 
   def diff(a: str, b: str) -> float:
     return acc[a] - acc[b]
@@ -58,12 +63,8 @@ def evaluate(rep: dict) -> dict:
   # 1. Compression costs accuracy: on the mean and on each seed, and the size.
   each = []
   for s in seeds.values():
-    ev = s["eval"]
-    d = ev["compress_only"]["accuracy"] - ev["sft"]["accuracy"]
-    tol = report.accuracy_tolerance(
-      (ev["compress_only"]["accuracy"] + ev["sft"]["accuracy"]) / 2, per_seed_n
-    )
-    each.append((s["seed"], d, tol))
+    co, sft = s["eval"]["compress_only"]["accuracy"], s["eval"]["sft"]["accuracy"]
+    each.append((s["seed"], co - sft, _band(co, sft, per_seed_n)))
   met = diff("compress_only", "sft") < -band("compress_only", "sft") and all(
     d < -t for _, d, t in each
   )
