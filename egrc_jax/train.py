@@ -9,10 +9,12 @@ completion token). `trainer/batch.py` builds either from a rollout.
 
 One call of `train_step` runs `ppo_epochs` x M gradient micro-batches over a rollout batch
 (lax.scan accumulates gradients, so peak activation memory is one micro-batch's) and one
-optimizer update per epoch. The batch's loss is sum_t w_t * l_t with aggregation weights
-w_t computed for the whole batch beforehand (`egrc_jax.losses`), which makes the
-accumulated gradient identical to the full-batch gradient for every aggregation mode and
-either layout. A non-finite loss or gradient leaves params and optimizer state untouched.
+optimizer update per epoch. A micro-batch without a completion token (the empty rows of a
+packed bucket, which `trainer/batch.py` gathers into the last micro-batches) is skipped
+under `lax.cond`: it would add exact zeros. The batch's loss is sum_t w_t * l_t with
+aggregation weights w_t computed for the whole batch beforehand (`egrc_jax.losses`), which
+makes the accumulated gradient identical to the full-batch gradient for every aggregation
+mode and either layout. A non-finite loss or gradient leaves params and optimizer state untouched.
 """
 
 from __future__ import annotations
@@ -145,6 +147,19 @@ def micro_batch_count(batch: Batch, micro_batch_rows: int) -> int:
   return B // b
 
 
+def _has_tokens(mb: Batch) -> jax.Array:
+  """Scalar: the micro-batch has a completion token (else its loss, gradient and logprobs are
+  exact zeros, and the step skips its computation)."""
+  return jnp.any(mb.completion_BC)
+
+
+def _unless_empty(fn, mb: Batch):
+  """fn(mb), or zeros of its output's shapes (without computing it) when `mb` has no
+  completion token."""
+  zeros = lambda mb: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(fn, mb))
+  return jax.lax.cond(_has_tokens(mb), fn, zeros, mb)
+
+
 def _split(batch: Batch, m: int) -> Batch:
   """[B, ...] -> [m, B / m, ...], micro-batch j holding rows j, j + m, j + 2m, ...: strided,
   so that each micro-batch takes rows from every data shard (rows are sharded in contiguous
@@ -197,9 +212,12 @@ def make_train_step(
   def one_update(state: TrainState, batch: Batch, temperature, lr):
     zeros = jax.tree.map(jnp.zeros_like, state.params)
 
+    def compute(mb):
+      return grad_fn(state.params, graphdef, mb, temperature, loss_cfg, remat)
+
     def body(carry, mb):
       g_acc, l_acc, s_acc = carry
-      (loss, (wsum, logp)), g = grad_fn(state.params, graphdef, mb, temperature, loss_cfg, remat)
+      (loss, (wsum, logp)), g = _unless_empty(compute, mb)
       g_acc = jax.tree.map(jnp.add, g_acc, g)
       s_acc = jax.tree.map(jnp.add, s_acc, wsum)
       return (g_acc, l_acc + loss, s_acc), logp
@@ -301,7 +319,7 @@ def logprobs_pass(
   if M == 1:
     return completion_logprobs(params, graphdef, batch, temperature, vocab_chunk)[0]
   one = lambda mb: completion_logprobs(params, graphdef, mb, temperature, vocab_chunk)[0]
-  return _unsplit(jax.lax.map(one, _split(batch, M)))
+  return _unsplit(jax.lax.map(lambda mb: _unless_empty(one, mb), _split(batch, M)))
 
 
 def make_logprobs_pass(graphdef, vocab_chunk: int, micro_batch_rows: int, mesh: Mesh | None):

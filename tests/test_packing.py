@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from egrc_jax import losses
+from egrc_jax import train as train_lib
 from egrc_jax.model import get_preset
 from egrc_jax.sampler import Rollout
 from egrc_jax.sharding import batch_sharding, init_model, make_mesh
@@ -95,13 +96,11 @@ def _step(batch, loss_cfg, mesh=None, micro_batch_rows=0):
   return jax.device_get(state.params), jax.device_get(m)
 
 
-def _compare(loss_cfg, keep, mesh=None, micro=(0, 0)):
+def _compare(loss_cfg, keep, mesh=None, micro=(0, 0), rows_multiple=2):
   r = rollout()
   adv = np.random.default_rng(1).normal(size=(3, 2)).astype(np.float32)
-  batches = {
-    "padded": batch_lib.make_batch(r, adv, keep, loss_cfg, "padded"),
-    "packed": batch_lib.make_batch(r, adv, keep, loss_cfg, "packed", rows_multiple=2),
-  }
+  packed = batch_lib.make_batch(r, adv, keep, loss_cfg, "packed", rows_multiple, micro[1])
+  batches = {"padded": batch_lib.make_batch(r, adv, keep, loss_cfg, "padded"), "packed": packed}
   if loss_cfg.kl_kind is not None:  # reference logprobs of other params, in each layout
     ref_model = init_model(get_preset("tiny"), None, seed=1)
     ref, gd = nnx.state(ref_model, nnx.Param), nnx.graphdef(ref_model)
@@ -144,3 +143,26 @@ def test_packed_equals_padded_with_kl_on_a_mesh_in_micro_batches():
   # micro-batch is 2 rows of Tp + C slots either way).
   m_pad, m_pk = _compare(cfg, np.ones((3, 2), bool), mesh=mesh, micro=(2, 2))
   assert m_pk["loss_weighted/kl"] > 0
+
+
+def test_empty_rows_of_a_bucket_form_whole_micro_batches_that_the_step_skips():
+  # R = 6 rows, micro-batches of b = 2 (m = 3, micro-batch j = rows j, j + 3): packed row r
+  # goes to row (r % 2) * 3 + r // 2, so micro-batch j holds packed rows 2j, 2j + 1.
+  assert batch_lib.micro_batch_major(6, 2).tolist() == [0, 3, 1, 4, 2, 5]
+  assert batch_lib.micro_batch_major(4, 0).tolist() == [0, 1, 2, 3]
+  with pytest.raises(ValueError, match="5 learner rows do not split into micro-batches of 2"):
+    batch_lib.micro_batch_major(5, 2)
+  r, keep = rollout(), np.ones((3, 2), bool)
+  adv = np.random.default_rng(1).normal(size=(3, 2)).astype(np.float32)
+  # 4 filled rows (see above) in a bucket of 6: the last micro-batch of 2 is empty.
+  pk = batch_lib.make_batch(r, adv, keep, losses.LossConfig(), "packed", 6, 2)
+  per_mb = np.asarray(train_lib._split(pk, 3).completion_BC).reshape(3, -1).sum(1)
+  assert per_mb[:2].min() > 0 and per_mb[2] == 0 and per_mb.sum() == CLEN.sum()
+  # The skip: a function that would give inf on an empty micro-batch is not computed there.
+  inv = lambda mb: 1.0 / jnp.sum(mb.completion_BC)
+  mbs = train_lib._split(jax.tree.map(jnp.asarray, pk), 3)
+  got = jax.lax.map(lambda mb: train_lib._unless_empty(inv, mb), mbs)
+  np.testing.assert_allclose(np.asarray(got), [1 / per_mb[0], 1 / per_mb[1], 0.0], rtol=1e-6)
+  # And the step over that bucket equals the padded step (KL on, positive-only rows).
+  cfg = losses.LossConfig(vocab_chunk=96, kl_kind="k3", kl_coef=0.1)
+  _compare(cfg, POSITIVE_ONLY, micro=(2, 2), rows_multiple=6)

@@ -17,10 +17,12 @@ Three measurements, each the best of `--repeats` timed calls after one compile:
     attention-to-matmul work matches R1-Distill-1.5B's (the D 64 model's attention weighs
     40x more per token and dominates its step).
 Figures: real tokens per second (prompt and completion tokens of the rollout, padding
-excluded) per layout and their ratio; the toy step's model FLOP/s (6 x matmul params per
-real token plus the causal attention scores, a forward and a backward) and its share of
-the matmul rate. The compiler's own FLOP count of each step (cost_analysis) is printed too:
-it counts the work done, padding included.
+excluded) per layout and their ratio; the rows of the batch and the rows the step computes
+(its micro-batches that hold a token; fill = real tokens / computed slots); the model
+FLOP/s (6 x matmul params per real token plus the causal attention scores, a forward and a
+backward) and its share of the matmul rate. The compiler's own FLOP count of each step
+(cost_analysis) is printed too: it counts a loop body once and both branches of the skip,
+so it is no measure of the work done.
 """
 
 from __future__ import annotations
@@ -70,7 +72,11 @@ CASES = {
   # The toy's micro-batches of 8 rows (configs/toy.py optim.micro_batch_rows): ~1,800
   # slots, whose activations stay in this CPU's caches.
   "toy": Case("toy", TOY, 16, 8, 32, 192, "toy", 8),
-  "r1_like": Case("r1_like", TOY, 8, 8, 128, 2048, "r1", 16),
+  # Micro-batches of 4 rows (8,704 slots) for the R1-like lengths: the step computes
+  # ceil(filled rows / 4) of them (a bucket's empty micro-batches are skipped), 28 of the
+  # bucket's 32 rows here; with 16 it computed all 32 (1.81x against 1.99x for
+  # r1_proportions, `--micro-batch-rows 16` against 4, 2026-12-07).
+  "r1_like": Case("r1_like", TOY, 8, 8, 128, 2048, "r1", 4),
   # The same lengths on a model with R1-Distill's balance of attention and matmul work:
   # attention FLOPs per attended pair / matmul FLOPs per token = 2 N H / (matmul params per
   # layer) = 1/15,700 (R1-Distill-1.5B: 1/15,200; the D 64 toy model: 1/384).
@@ -82,7 +88,7 @@ CASES = {
     128,
     2048,
     "r1",
-    16,
+    4,
   ),  # fmt: skip
 }
 TINY = {
@@ -175,7 +181,13 @@ def time_layout(case: Case, rollout: Rollout, layout: str, repeats: int) -> dict
   adv = np.random.default_rng(1).normal(size=(P, G)).astype(np.float32)
   # Packed rows in buckets of the micro-batch's rows, as the trainer builds them.
   batch = batch_lib.make_batch(
-    rollout, adv, np.ones((P, G), bool), loss_cfg, layout, rows_multiple=case.micro_batch_rows or 1
+    rollout,
+    adv,
+    np.ones((P, G), bool),
+    loss_cfg,
+    layout,
+    rows_multiple=case.micro_batch_rows or 1,
+    micro_batch_rows=case.micro_batch_rows,
   )
   batch = jax.device_put(batch)
   step = make_train_step(nnx.graphdef(model), tx, loss_cfg, micro_batch_rows=case.micro_batch_rows)
@@ -192,10 +204,16 @@ def time_layout(case: Case, rollout: Rollout, layout: str, repeats: int) -> dict
   call()  # warm: the first call after a compile allocates
   seconds = _best(call, repeats)
   real = int(np.asarray(rollout.prompt_mask_BTp).sum() + np.asarray(rollout.lengths_B).sum())
+  b = case.micro_batch_rows or batch.tokens_BS.shape[0]
+  # Rows the step computes: its micro-batches (strided split) that hold a completion token.
+  mbs = np.asarray(batch.completion_BC).reshape(b, -1, batch.completion_BC.shape[1])
+  computed = int(mbs.any(axis=(0, 2)).sum()) * b
   return {
     "layout": layout,
     "rows": int(batch.tokens_BS.shape[0]),
+    "computed_rows": computed,
     "slots": int(batch.tokens_BS.size),
+    "computed_slots": computed * int(batch.tokens_BS.shape[1]),
     "real_tokens": real,
     "seconds": seconds,
     "real_tokens_per_s": real / seconds,
@@ -248,12 +266,14 @@ def table(r: dict) -> str:
            f"of the run's measurements ({every})"]  # fmt: skip
   for name, c in r["cases"].items():
     lines.append(f"\n{name}: model {c['model_gflop']:.2f} GFLOP per step (real tokens)")
-    lines.append(f"  {'layout':7} {'rows':>5} {'fill':>6} {'s/step':>8} {'real tok/s':>11} "
-                 f"{'model GFLOP/s':>14} {'of matmul':>10} {'compiler GFLOP':>15}")  # fmt: skip
+    lines.append(f"  {'layout':7} {'rows':>5} {'computed':>9} {'fill':>6} {'s/step':>8} "
+                 f"{'real tok/s':>11} {'model GFLOP/s':>14} {'of matmul':>10} "
+                 f"{'compiler GFLOP':>15}")  # fmt: skip
     for k in ("padded", "packed"):
       v = c[k]
       lines.append(
-        f"  {k:7} {v['rows']:5d} {v['real_tokens'] / v['slots']:6.2f} {v['seconds']:8.3f} "
+        f"  {k:7} {v['rows']:5d} {v['computed_rows']:9d} "
+        f"{v['real_tokens'] / v['computed_slots']:6.2f} {v['seconds']:8.3f} "
         f"{v['real_tokens_per_s']:11.0f} {c[k + '_gflop_s']:14.1f} "
         f"{c[k + '_share_of_matmul']:10.1%} {v['compiler_gflop']:15.2f}"
       )

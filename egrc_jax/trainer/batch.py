@@ -14,7 +14,10 @@ so a packed batch's loss is the padded batch's, up to float summation order:
           per sequence; every slot is a loss position (C = S), the ones that predict a
           completion token carry the inputs. R is rounded up to `rows_multiple` times
           1, 2, 3, 4, 6, 8, 12, ... (capped at B): a run compiles one learner step per
-          bucket of R, and a bucket wastes at most a third of its rows.
+          bucket of R. The filled rows are placed so that they make up the first
+          micro-batches of `micro_batch_rows` (the train step's strided split, micro-batch
+          j = rows j, j + m, ...): the bucket's empty rows form whole micro-batches, which
+          the step skips, so a bucket costs ceil(filled / micro_batch_rows) micro-batches.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def make_batch(
   loss_cfg: losses.LossConfig,
   layout: str = "padded",
   rows_multiple: int = 1,
+  micro_batch_rows: int = 0,
 ) -> Batch:
   """The learner's batch of a rollout (module docstring). Old logprobs are the sampler's
   log q (the sampling distribution: stage temperature and filters), the behaviour policy of
@@ -74,7 +78,7 @@ def make_batch(
   }
   if layout == "padded":
     return _padded(rollout, per_token)
-  return _packed(rollout, per_token, rows_multiple)
+  return _packed(rollout, per_token, rows_multiple, micro_batch_rows)
 
 
 def _padded(rollout: Rollout, per_token: dict) -> Batch:
@@ -130,7 +134,18 @@ def bucket_rows(needed: int, multiple: int, cap: int) -> int:
   return min(m * b, cap)
 
 
-def _packed(rollout: Rollout, per_token: dict, rows_multiple: int) -> Batch:
+def micro_batch_major(R: int, micro_batch_rows: int) -> np.ndarray:
+  """[R] the learner row of packed row r (in fill order) such that micro-batch j of the
+  train step's strided split (rows j, j + m, j + 2m, ... with m = R / micro_batch_rows)
+  holds packed rows j b .. j b + b - 1 (b = micro_batch_rows; 0 or R: the identity)."""
+  b = micro_batch_rows or R
+  if R % b:
+    raise ValueError(f"{R} learner rows do not split into micro-batches of {b} rows")
+  r = np.arange(R)
+  return (r % b) * (R // b) + r // b
+
+
+def _packed(rollout: Rollout, per_token: dict, rows_multiple: int, micro_batch_rows: int) -> Batch:
   prompt = np.asarray(rollout.prompt_tokens_BTp)
   pmask = np.asarray(rollout.prompt_mask_BTp)
   comp = np.asarray(rollout.completion_tokens_BC)
@@ -142,6 +157,7 @@ def _packed(rollout: Rollout, per_token: dict, rows_multiple: int) -> Batch:
   n_B = plen_B + clen_B
   row_B, off_B, needed = pack_rows(n_B, S)
   R = bucket_rows(needed, rows_multiple, B)
+  row_B = micro_batch_major(R, micro_batch_rows)[row_B]
   tokens = np.zeros((R, S), np.int32)
   segments = np.zeros((R, S), np.int32)
   positions = np.zeros((R, S), np.int32)

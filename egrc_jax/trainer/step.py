@@ -111,7 +111,9 @@ def rl_step(
   rewards = compute_rewards(stage.reward, correct.reshape(P, G), lengths_PG, trunc_PG)
   adv_PG, keep_PG = batch_lib.advantages(stage.advantage, rewards)
   layout, multiple = programs.optim.layout, programs.rows_multiple
-  batch = batch_lib.make_batch(rollout, adv_PG, keep_PG, stage.loss, layout, multiple)
+  batch = batch_lib.make_batch(
+    rollout, adv_PG, keep_PG, stage.loss, layout, multiple, programs.optim.micro_batch_rows
+  )
   if mesh is not None:
     batch = jax.device_put(batch, batch_sharding(mesh))
   temperature = jnp.float32(stage.temperature)
