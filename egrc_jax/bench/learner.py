@@ -72,11 +72,10 @@ CASES = {
   # The toy's micro-batches of 8 rows (configs/toy.py optim.micro_batch_rows): ~1,800
   # slots, whose activations stay in this CPU's caches.
   "toy": Case("toy", TOY, 16, 8, 32, 192, "toy", 8),
-  # Micro-batches of 4 rows (8,704 slots) for the R1-like lengths: the step computes
-  # ceil(filled rows / 4) of them (a bucket's empty micro-batches are skipped), 28 of the
-  # bucket's 32 rows here; with 16 it computed all 32 (1.81x against 1.99x for
-  # r1_proportions, `--micro-batch-rows 16` against 4, 2026-12-07).
-  "r1_like": Case("r1_like", TOY, 8, 8, 128, 2048, "r1", 4),
+  # One row (2,176 slots) per micro-batch for the R1-like lengths: the step computes a
+  # micro-batch per filled row (a bucket's empty micro-batches are skipped), 29 of the
+  # bucket's 32 rows here (micro-batches of 4 compute 32, of 2: 30; 2026-12-07).
+  "r1_like": Case("r1_like", TOY, 8, 8, 128, 2048, "r1", 1),
   # The same lengths on a model with R1-Distill's balance of attention and matmul work:
   # attention FLOPs per attended pair / matmul FLOPs per token = 2 N H / (matmul params per
   # layer) = 1/15,700 (R1-Distill-1.5B: 1/15,200; the D 64 toy model: 1/384).
@@ -88,7 +87,7 @@ CASES = {
     128,
     2048,
     "r1",
-    4,
+    1,
   ),  # fmt: skip
 }
 TINY = {
