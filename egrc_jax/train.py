@@ -212,15 +212,19 @@ def make_train_step(
   def one_update(state: TrainState, batch: Batch, temperature, lr):
     zeros = jax.tree.map(jnp.zeros_like, state.params)
 
-    def compute(mb):
-      return grad_fn(state.params, graphdef, mb, temperature, loss_cfg, remat)
-
     def body(carry, mb):
-      g_acc, l_acc, s_acc = carry
-      (loss, (wsum, logp)), g = _unless_empty(compute, mb)
-      g_acc = jax.tree.map(jnp.add, g_acc, g)
-      s_acc = jax.tree.map(jnp.add, s_acc, wsum)
-      return (g_acc, l_acc + loss, s_acc), logp
+      def add(carry):
+        g_acc, l_acc, s_acc = carry
+        (loss, (wsum, logp)), g = grad_fn(state.params, graphdef, mb, temperature, loss_cfg, remat)
+        g_acc = jax.tree.map(jnp.add, g_acc, g)
+        s_acc = jax.tree.map(jnp.add, s_acc, wsum)
+        return (g_acc, l_acc + loss, s_acc), logp
+
+      # A micro-batch without a completion token would add exact zeros: the sums pass
+      # through (inside the cond, so no gradient-sized zeros are materialised).
+      logp = jax.eval_shape(add, carry)[1]
+      keep = lambda carry: (carry, jnp.zeros(logp.shape, logp.dtype))
+      return jax.lax.cond(_has_tokens(mb), add, keep, carry)
 
     init_stats = {k: jnp.zeros((), jnp.float32) for k in losses.TOKEN_STAT_NAMES}
     carry = (zeros, jnp.zeros((), jnp.float32), init_stats)
