@@ -26,6 +26,7 @@ from collections.abc import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -151,6 +152,13 @@ def _has_tokens(mb: Batch) -> jax.Array:
   """Scalar: the micro-batch has a completion token (else its loss, gradient and logprobs are
   exact zeros, and the step skips its computation)."""
   return jnp.any(mb.completion_BC)
+
+
+def computed_micro_batches(batch: Batch, micro_batch_rows: int) -> int:
+  """How many of the batch's micro-batches the train step computes (those with a completion
+  token; the others are skipped), counted on the host."""
+  mbs = _split(batch.completion_BC, micro_batch_count(batch, micro_batch_rows))
+  return int(np.asarray(mbs).reshape(mbs.shape[0], -1).any(axis=1).sum())
 
 
 def _unless_empty(fn, mb: Batch):

@@ -158,6 +158,7 @@ def test_empty_rows_of_a_bucket_form_whole_micro_batches_that_the_step_skips():
   pk = batch_lib.make_batch(r, adv, keep, losses.LossConfig(), "packed", 6, 2)
   per_mb = np.asarray(train_lib._split(pk, 3).completion_BC).reshape(3, -1).sum(1)
   assert per_mb[:2].min() > 0 and per_mb[2] == 0 and per_mb.sum() == CLEN.sum()
+  assert train_lib.computed_micro_batches(pk, 2) == 2
   # The skip: a function that would give inf on an empty micro-batch is not computed there.
   inv = lambda mb: 1.0 / jnp.sum(mb.completion_BC)
   mbs = train_lib._split(jax.tree.map(jnp.asarray, pk), 3)

@@ -47,7 +47,7 @@ from egrc_jax import cli, losses
 from egrc_jax.model import ModelConfig
 from egrc_jax.sampler import Rollout
 from egrc_jax.sharding import init_model
-from egrc_jax.train import init_state_sharded, make_train_step
+from egrc_jax.train import computed_micro_batches, init_state_sharded, make_train_step
 from egrc_jax.trainer import batch as batch_lib
 
 TOY = ModelConfig(
@@ -203,10 +203,9 @@ def time_layout(case: Case, rollout: Rollout, layout: str, repeats: int) -> dict
   call()  # warm: the first call after a compile allocates
   seconds = _best(call, repeats)
   real = int(np.asarray(rollout.prompt_mask_BTp).sum() + np.asarray(rollout.lengths_B).sum())
+  # Rows the step computes: its micro-batches that hold a completion token.
   b = case.micro_batch_rows or batch.tokens_BS.shape[0]
-  # Rows the step computes: its micro-batches (strided split) that hold a completion token.
-  mbs = np.asarray(batch.completion_BC).reshape(b, -1, batch.completion_BC.shape[1])
-  computed = int(mbs.any(axis=(0, 2)).sum()) * b
+  computed = computed_micro_batches(batch, case.micro_batch_rows) * b
   return {
     "layout": layout,
     "rows": int(batch.tokens_BS.shape[0]),
