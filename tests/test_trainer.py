@@ -16,6 +16,7 @@ from egrc_jax.trainer import branch
 from egrc_jax.trainer import config as config_lib
 from egrc_jax.trainer.checkpoint import (
   CheckpointError,
+  check_writable,
   latest_complete_step,
   read_meta,
   restore_params,
@@ -252,6 +253,25 @@ def test_unwritable_workdir_is_refused(tmp_path, shared_data):
   blocker.write_text("not a directory")
   with pytest.raises(CheckpointError, match="cannot be created: .*a_file is not a directory"):
     Trainer(tiny("", shared_data), str(blocker / "run"))
+
+
+def test_processes_sharing_a_workdir_probe_it_without_racing(tmp_path, monkeypatch):
+  # launch/local.sh runs every process of a run on one host with one workdir. Between this
+  # process writing its probe and removing it, a second process probes the same folder; with
+  # one shared probe name the second removed the first's and the first failed (CI, 2026-12-08).
+  real_write, pid = pathlib.Path.write_text, os.getpid()
+
+  def write_then_other_process_probes(self, *args, **kwargs):
+    out = real_write(self, *args, **kwargs)
+    if os.getpid() == pid:
+      monkeypatch.setattr(os, "getpid", lambda: pid + 1)
+      check_writable(str(tmp_path / "run"))
+      monkeypatch.setattr(os, "getpid", lambda: pid)
+    return out
+
+  monkeypatch.setattr(pathlib.Path, "write_text", write_then_other_process_probes)
+  check_writable(str(tmp_path / "run"))
+  assert list((tmp_path / "run").iterdir()) == []
 
 
 def test_docs_list_every_config_key():

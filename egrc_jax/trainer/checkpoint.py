@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import socket
 
 import jax
 import orbax.checkpoint as ocp
@@ -59,7 +60,9 @@ def check_writable(workdir: str, create: bool = True) -> None:
     return
   try:
     path.mkdir(parents=True, exist_ok=True)
-    probe = path / ".write_probe"
+    # One probe per process: the processes of a multi-process run share a workdir on one host
+    # (launch/local.sh), and a shared name raced (one process unlinked the other's probe).
+    probe = path / f".write_probe.{socket.gethostname()}.{os.getpid()}"
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
