@@ -12,12 +12,13 @@ so a packed batch's loss is the padded batch's, up to float summation order:
   packed  each rollout row's real tokens (prompt, then completion) end to end in rows of S
           slots (first fit, longest first), segment ids 1, 2, ... and positions restarting
           per sequence; every slot is a loss position (C = S), the ones that predict a
-          completion token carry the inputs. R is rounded up to `rows_multiple` times
-          1, 2, 3, 4, 6, 8, 12, ... (capped at B): a run compiles one learner step per
-          bucket of R. The filled rows are placed so that they make up the first
-          micro-batches of `micro_batch_rows` (the train step's strided split, micro-batch
-          j = rows j, j + m, ...): the bucket's empty rows form whole micro-batches, which
-          the step skips, so a bucket costs ceil(filled / micro_batch_rows) micro-batches.
+          completion token carry the inputs. With micro-batches (`micro_batch_rows`),
+          R = B: the filled rows are placed so that they make up the first micro-batches
+          (the train step's strided split, micro-batch j = rows j, j + m, ...), the empty
+          rows form whole micro-batches, which the step skips, so a batch costs
+          ceil(filled / micro_batch_rows) micro-batches and a run compiles one learner step.
+          Without, R is rounded up to `rows_multiple` times 1, 2, 3, 4, 6, 8, 12, ... (capped
+          at B): a run compiles one learner step per bucket of R.
 """
 
 from __future__ import annotations
@@ -156,7 +157,11 @@ def _packed(rollout: Rollout, per_token: dict, rows_multiple: int, micro_batch_r
   clen_B = np.asarray(rollout.lengths_B)
   n_B = plen_B + clen_B
   row_B, off_B, needed = pack_rows(n_B, S)
-  R = bucket_rows(needed, rows_multiple, B)
+  # With micro-batches, every packed batch has the rollout's B rows: its empty rows form
+  # whole micro-batches, which the step skips, so one shape costs what a bucket would and a
+  # run compiles one learner step and one logprob pass (a bucket's compile took 5 s on the
+  # toy, 7 per run; a minute on a TPU for R1-Distill). Without micro-batches, buckets.
+  R = B if micro_batch_rows else bucket_rows(needed, rows_multiple, B)
   row_B = micro_batch_major(R, micro_batch_rows)[row_B]
   tokens = np.zeros((R, S), np.int32)
   segments = np.zeros((R, S), np.int32)
