@@ -10,7 +10,7 @@ completion token). `trainer/batch.py` builds either from a rollout.
 One call of `train_step` runs `ppo_epochs` x M gradient micro-batches over a rollout batch
 (lax.scan accumulates gradients, so peak activation memory is one micro-batch's) and one
 optimizer update per epoch. A micro-batch without a completion token (the empty rows of a
-packed bucket, which `trainer/batch.py` gathers into the last micro-batches) is skipped
+packed batch, which `trainer/batch.py` gathers into the last micro-batches) is skipped
 under `lax.cond`: it would add exact zeros. The batch's loss is sum_t w_t * l_t with
 aggregation weights w_t computed for the whole batch beforehand (`egrc_jax.losses`), which
 makes the accumulated gradient identical to the full-batch gradient for every aggregation
@@ -211,7 +211,8 @@ def make_train_step(
   """A jitted `step(state, batch, temperature, lr) -> (state, metrics)`; state is donated.
 
   micro_batch_rows: rows per gradient micro-batch (0: the whole batch), the token budget of
-  a micro-batch in units of S; the count follows from the batch's rows (a packed batch has
+  a micro-batch in units of S; the count follows from the batch's rows (a packed batch
+  has the rollout's rows, its empty micro-batches skipped; without micro-batches it has
   fewer rows, in buckets: one compile per bucket). remat: recompute each block in the
   backward pass (activation memory of one block).
   """

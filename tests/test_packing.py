@@ -139,8 +139,9 @@ def test_packed_equals_padded_per_aggregation_mode(mode, exclude):
 def test_packed_equals_padded_with_kl_on_a_mesh_in_micro_batches():
   cfg = losses.LossConfig(vocab_chunk=96, kl_kind="k3", kl_coef=0.1)
   mesh = make_mesh(fsdp=2, tensor=4)
-  # Padded: 6 rows in 3 micro-batches of 2; packed: 4 rows in 2 of 2 (the token budget of a
-  # micro-batch is 2 rows of Tp + C slots either way).
+  # Padded: 6 rows in 3 micro-batches of 2; packed: 4 filled rows in 2 of 2, and a third,
+  # empty one that the step skips (the token budget of a micro-batch is 2 rows of Tp + C
+  # slots either way).
   m_pad, m_pk = _compare(cfg, np.ones((3, 2), bool), mesh=mesh, micro=(2, 2))
   assert m_pk["loss_weighted/kl"] > 0
 
@@ -167,3 +168,24 @@ def test_empty_rows_of_a_bucket_form_whole_micro_batches_that_the_step_skips():
   # And the step over that bucket equals the padded step (KL on, positive-only rows).
   cfg = losses.LossConfig(vocab_chunk=96, kl_kind="k3", kl_coef=0.1)
   _compare(cfg, POSITIVE_ONLY, micro=(2, 2), rows_multiple=6)
+
+
+def test_with_micro_batches_a_packed_batch_keeps_every_rollout_row_at_no_cost_in_bits():
+  # With micro-batches the packed batch has the rollout's 6 rows whatever rows_multiple says
+  # (one compile per run, not one per bucket); without, it is bucketed.
+  r, keep = rollout(), np.ones((3, 2), bool)
+  adv = np.random.default_rng(1).normal(size=(3, 2)).astype(np.float32)
+  cfg = losses.LossConfig(vocab_chunk=96)
+  pk = batch_lib.make_batch(r, adv, keep, cfg, "packed", rows_multiple=2, micro_batch_rows=2)
+  assert pk.tokens_BS.shape[0] == 6 and train_lib.computed_micro_batches(pk, 2) == 2
+  assert batch_lib.make_batch(r, adv, keep, cfg, "packed", 2, 0).tokens_BS.shape[0] == 4
+  # The same step over the 4 filled rows alone (the smallest bucket, in the same
+  # micro-batches: rows 0, 3 and 1, 4 of the 6-row split are rows 0, 2 and 1, 3 of the
+  # 4-row one) gives the same parameters and loss, bit for bit: a skipped micro-batch
+  # passes the gradient sums through.
+  four = jax.tree.map(lambda x: x[np.array([0, 1, 3, 4])] if np.ndim(x) else x, pk)
+  assert train_lib.computed_micro_batches(four, 2) == 2
+  (p6, m6), (p4, m4) = _step(pk, cfg, None, 2), _step(four, cfg, None, 2)
+  assert float(m6["loss"]) == float(m4["loss"]) and float(m6["grad_norm"]) > 0
+  for a, b in zip(jax.tree.leaves(p6), jax.tree.leaves(p4), strict=True):
+    np.testing.assert_array_equal(a, b)

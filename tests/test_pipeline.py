@@ -104,6 +104,18 @@ def test_cli_flags_reach_the_pipeline_plan():
     plan("--seeds=a")
 
 
+def test_compile_cache_folder(tmp_path):
+  # By default under the workdir; a folder given on the command line; "none" turns it off;
+  # one set already (JAX_COMPILATION_CACHE_DIR, or the test session's) wins over both.
+  folder = pipeline.compile_cache_folder
+  assert folder(tmp_path) == str(tmp_path / "compile_cache")
+  assert folder(tmp_path, str(tmp_path / "c")) == str(tmp_path / "c")
+  assert folder(tmp_path, "none") is None
+  assert folder(tmp_path, "none", "/set") == folder(tmp_path, "", "/set") == "/set"
+  args = pipeline.build_parser().parse_args(["--workdir=x", "--compile-cache=none"])
+  assert args.compile_cache == "none"
+
+
 def test_parse_problem_round_trips():
   train, _ = T.make_splits(T.TaskConfig(), 50, 5, seed=3)
   for p in train:

@@ -73,8 +73,8 @@ CASES = {
   # slots, whose activations stay in this CPU's caches.
   "toy": Case("toy", TOY, 16, 8, 32, 192, "toy", 8),
   # One row (2,176 slots) per micro-batch for the R1-like lengths: the step computes a
-  # micro-batch per filled row (a bucket's empty micro-batches are skipped), 29 of the
-  # bucket's 32 rows here (micro-batches of 4 compute 32, of 2: 30; 2026-12-07).
+  # micro-batch per filled row (the batch's empty micro-batches are skipped), 29 of its 64
+  # rows here (micro-batches of 4 compute 32, of 2: 30; 2026-12-07).
   "r1_like": Case("r1_like", TOY, 8, 8, 128, 2048, "r1", 1),
   # The same lengths on a model with R1-Distill's balance of attention and matmul work:
   # attention FLOPs per attended pair / matmul FLOPs per token = 2 N H / (matmul params per
@@ -178,7 +178,7 @@ def time_layout(case: Case, rollout: Rollout, layout: str, repeats: int) -> dict
   loss_cfg = losses.LossConfig(vocab_chunk=8192)
   P, G = case.prompts, case.samples
   adv = np.random.default_rng(1).normal(size=(P, G)).astype(np.float32)
-  # Packed rows in buckets of the micro-batch's rows, as the trainer builds them.
+  # Packed rows as the trainer builds them (with micro-batches: the rollout's rows).
   batch = batch_lib.make_batch(
     rollout,
     adv,

@@ -336,17 +336,19 @@ def build_parser() -> cli.Parser:
   return parser
 
 
-def use_compile_cache(workdir, choice: str = "") -> str | None:
-  """Turn XLA's persistent compilation cache on (module docstring) unless one is set already
-  (JAX_COMPILATION_CACHE_DIR, or a caller's jax config) or `choice` is "none"; returns the
-  folder in use. The EGRC arm's programs took 77 s of its 150 s to compile on a 2-core
-  CPU (2026-12-08); the other arms compile the same programs."""
-  current = jax.config.jax_compilation_cache_dir
-  if current or choice == "none":
-    return current or None
-  folder = pathlib.Path(choice) if choice else pathlib.Path(workdir) / "compile_cache"
-  jax.config.update("jax_compilation_cache_dir", str(folder.absolute()))
-  return str(folder.absolute())
+def compile_cache_folder(workdir, choice: str = "", current: str | None = None) -> str | None:
+  """The folder of XLA's persistent compilation cache (module docstring): `current` (one set
+  already: JAX_COMPILATION_CACHE_DIR or a caller's jax config) wins; `choice` "none" turns
+  it off, another `choice` names it; by default WORKDIR/compile_cache. The EGRC arm's
+  programs took 77 s of its 150 s to compile on a 2-core CPU (2026-12-08), and the other
+  arms compile the same programs."""
+  if current:
+    return current
+  if choice == "none":
+    return None
+  return str(
+    (pathlib.Path(choice) if choice else pathlib.Path(workdir) / "compile_cache").absolute()
+  )
 
 
 def plan_from_args(args) -> ToyPlan:
@@ -361,7 +363,10 @@ def main(argv=None) -> dict:
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   plan = plan_from_args(args)
-  use_compile_cache(args.workdir, args.compile_cache)
+  current = jax.config.jax_compilation_cache_dir
+  folder = compile_cache_folder(args.workdir, args.compile_cache, current)
+  if folder and folder != current:
+    jax.config.update("jax_compilation_cache_dir", folder)
   return run(plan, args.workdir, args.config)
 
 
