@@ -265,3 +265,22 @@ def test_reference_pass_hand_count():
 def test_continuous_loop_needs_slots():
   with pytest.raises(ValueError, match="num_slots=0: the continuous loop needs >= 1 slot"):
     _plan(loop="continuous", num_slots=0)
+
+
+def test_the_packed_train_program_has_the_trainers_shape_and_counts_what_it_computes():
+  # The AOT programs (run_programs: abstract shapes, nothing compiled): with micro-batches a
+  # packed batch keeps the rollout's 8 rows (as trainer/batch.py builds it) and the step
+  # computes the micro-batches the planner's 50% fill fills (4 rows: 2 of 4); without, the
+  # batch is the bucket of those rows (one row per data shard: 8 here).
+  from test_trainer import tiny
+
+  from egrc_jax.plan.programs import run_programs
+  from egrc_jax.sharding import make_mesh
+
+  def train(micro, name="train"):
+    c = tiny(f"optim.micro_batch_rows={micro},rollout.loop=lockstep")
+    p = run_programs(c, make_mesh(1, -1, 1))[name]
+    return p.args({})[1].tokens_BS.shape[0], p.trips
+
+  assert train(2) == (8, 2) and train(2, "train_padded") == (8, 4)
+  assert train(0) == (8, 1)

@@ -343,15 +343,18 @@ def run_programs(c, mesh: Mesh, layout: str = "sampling") -> dict[str, Program]:
   sampler_programs("", Pn, G, _bind(stages[0].sampling, cfg), rollout_keys)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   multiple = o.micro_batch_rows or shards
-  layouts = {
-    # The learner's batch in each layout: packed rows fill PACKED_FILL of their slots.
-    "packed": (bucket_rows(-(-int(PACKED_FILL * B) // 1), multiple, B), S, S, 0),
-    "padded": (B, S, C, Tp - 1),
+  # The learner's batch in each layout: packed rows fill PACKED_FILL of their slots. With
+  # micro-batches a packed batch keeps the B rows and the step computes only its filled
+  # micro-batches (trainer/batch.py); without, its rows are a bucket.
+  filled = bucket_rows(-(-int(PACKED_FILL * B) // 1), multiple, B)
+  layouts = {  # rows, slots, loss positions, slot of loss position 0, rows computed
+    "packed": (B if o.micro_batch_rows else filled, S, S, 0, filled),
+    "padded": (B, S, C, Tp - 1, B),
   }
   rows_sh = batch_sharding(mesh)
   scalar = jax.ShapeDtypeStruct((), jnp.float32)
   if use_pass:
-    rows, s_, c_, head = layouts[o.layout]
+    rows, s_, c_, head, _ = layouts[o.layout]
     ref_batch = abstract_batch(rows, s_, c_, head, rows_sh)
     ref_fn = make_logprobs_pass(graphdef, c.loss.vocab_chunk, o.micro_batch_rows, mesh)
     progs["reference"] = Program(
@@ -369,7 +372,7 @@ def run_programs(c, mesh: Mesh, layout: str = "sampling") -> dict[str, Program]:
   other = "padded" if o.layout == "packed" else "packed"
   for i, loss_cfg in enumerate(losses):
     for lay in (o.layout, other) if i == 0 else (o.layout,):
-      rows, s_, c_, head = layouts[lay]
+      rows, s_, c_, head, computed = layouts[lay]
       batch = abstract_batch(rows, s_, c_, head, rows_sh)
       micro = o.micro_batch_rows or rows
       base = "train" if i == 0 else f"train_{losses[loss_cfg].name}"
@@ -392,11 +395,12 @@ def run_programs(c, mesh: Mesh, layout: str = "sampling") -> dict[str, Program]:
         {},
         ref,
         ("optim.micro_batch_rows", "rollout.max_new_tokens", "mesh.tensor", "optim.remat"),
-        trips=(rows // micro) * o.ppo_epochs,
+        trips=-(-computed // micro) * o.ppo_epochs,  # the micro-batches it computes
         model_flops=train_model_flops(cfg, micro, S, mesh.size),
         hardware_flops=train_model_flops(cfg, micro, S, mesh.size) * (8 / 6 if o.remat else 1),
         real_tokens=real,
-        note=f"{lay}: {rows // micro} micro-batches of {micro} rows x {S} slots, remat={o.remat}",
+        note=f"{lay}: {-(-computed // micro)} of {rows // micro} micro-batches of {micro} rows"
+        f" x {S} slots computed, remat={o.remat}",
       )
   if plan.eval.num_prompts > 0 and plan.data.eval is not None:
     sampler_programs(
