@@ -30,7 +30,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAST = (
   "data.prompts_per_step=4,rollout.num_samples=2,rollout.max_new_tokens=8,"
   "data.max_prompt_tokens=256,rollout.prompt_buckets=256,optim.micro_batch_rows=4,"
-  "eval.num_prompts=4,checkpoint.every=1,compress.steps=2,enhance.steps=2,single.steps=2,"
+  "eval.num_prompts=4,eval.max_new_tokens=16,checkpoint.every=1,compress.steps=2,enhance.steps=2,"
+  "single.steps=2,"
   "grading.mode=exact,export.hf=false"
 )
 
