@@ -15,6 +15,9 @@ from egrc_jax.toy import plan as toy_plan
 from egrc_jax.toy import task as T
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# One xdist worker runs this file: the module-scoped quick pipeline (~90 s) is built once,
+# not once per worker (scripts/test.sh runs pytest with --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("toy_pipeline")
 
 
 @pytest.fixture(scope="module")

@@ -342,13 +342,13 @@ def run_programs(c, mesh: Mesh, layout: str = "sampling") -> dict[str, Program]:
   rollout_keys = ("data.prompts_per_step", "rollout.max_new_tokens", "mesh.tensor")
   sampler_programs("", Pn, G, _bind(stages[0].sampling, cfg), rollout_keys)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  multiple = o.micro_batch_rows or shards
   # The learner's batch in each layout: packed rows fill PACKED_FILL of their slots. With
-  # micro-batches a packed batch keeps the B rows and the step computes only its filled
-  # micro-batches (trainer/batch.py); without, its rows are a bucket.
-  filled = bucket_rows(-(-int(PACKED_FILL * B) // 1), multiple, B)
+  # micro-batches a packed batch keeps the B rows and the step computes only the
+  # micro-batches of its filled rows (trainer/batch.py); without, its rows are a bucket.
+  filled = math.ceil(PACKED_FILL * B)
+  packed = (B, filled) if o.micro_batch_rows else (bucket_rows(filled, shards, B),) * 2
   layouts = {  # rows, slots, loss positions, slot of loss position 0, rows computed
-    "packed": (B if o.micro_batch_rows else filled, S, S, 0, filled),
+    "packed": (packed[0], S, S, 0, packed[1]),
     "padded": (B, S, C, Tp - 1, B),
   }
   rows_sh = batch_sharding(mesh)

@@ -49,8 +49,9 @@ class Programs:
     self.state_sharding = None if mesh is None else init_state_sharded(params, self.tx, mesh)[1]
     self.logprobs = make_logprobs_pass(graphdef, vocab_chunk, optim.micro_batch_rows, mesh)
     shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-    # Packed rows come in buckets of this many (a micro-batch, or one row per data shard).
-    self.rows_multiple = optim.micro_batch_rows or shards
+    # Without micro-batches, packed rows come in buckets of this many (one row per data
+    # shard); with them, a packed batch has the rollout's rows (trainer/batch.py).
+    self.rows_multiple = shards
     self._train: dict[LossConfig, object] = {}
 
   def fresh_state(self, params: nnx.State) -> TrainState:
