@@ -365,7 +365,7 @@ def main(argv=None) -> dict:
   plan = plan_from_args(args)
   current = jax.config.jax_compilation_cache_dir
   folder = compile_cache_folder(args.workdir, args.compile_cache, current)
-  if folder and folder != current:
+  if folder != current:  # None only when neither is set
     jax.config.update("jax_compilation_cache_dir", folder)
   return run(plan, args.workdir, args.config)
 
